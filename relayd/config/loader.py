@@ -1,0 +1,249 @@
+"""The configuration file → :class:`~relayd.config.model.Config` (SPEC "Configuration").
+
+The file is read in one pass that collects every problem (``clients`` and ``listen`` in
+``clients``, ``tenants`` in ``tenants``, the rest here). Any problem → ConfigError listing them
+all, in file order; warnings travel in ``Config.warnings`` for ``check-config`` and the log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from yaml.nodes import MappingNode
+
+from relayd.config.clients import PATTERN, read_clients, read_listeners
+from relayd.config.model import (
+    AddressPattern,
+    AlertsConfig,
+    Config,
+    MetricsConfig,
+    RetryPolicy,
+    SpoolConfig,
+    TenantConfig,
+)
+from relayd.config.secrets import read_secret
+from relayd.config.tenants import read_tenants
+from relayd.config.values import (
+    parse_address,
+    parse_host,
+    parse_host_port,
+    parse_pattern,
+    parse_url,
+)
+from relayd.config.yamlnodes import ConfigError, Item, NodeReader, compose, line_of
+
+__all__ = ["DEFAULT_CONFIG_PATH", "DEFAULT_STATE_DIRECTORY", "find_config_path", "load_config"]
+
+_LINE = re.compile(r": line ([0-9]+): ")
+
+DEFAULT_CONFIG_PATH = Path("/etc/relayd/relayd.yaml")
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/relayd")
+
+ROOT_KEYS = (
+    "state_directory",
+    "helo_name",
+    "log_level",
+    "listen",
+    "clients",
+    "rewrite_senders",
+    "spool",
+    "tokens",
+    "tenants",
+    "alerts",
+    "metrics",
+)
+SPOOL_KEYS = ("max_message_size", "retry", "delay_warning", "encrypt_at_rest", "key")
+RETRY_KEYS = ("first", "max", "give_up_after")
+ALERTS_KEYS = ("via", "email", "webhook")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+ADDRESS = "an address like user@example.com"
+
+_HINT = (
+    "pass -c FILE, set RELAYD_CONFIG, or create /etc/relayd/relayd.yaml "
+    "(etc/relayd.example.yaml documents every option; etc/relayd.local.yaml is a demo "
+    "that keeps all mail in a local Maildir)"
+)
+
+
+def find_config_path(cli_path: str | None) -> Path:
+    """SPEC "Files and directories": ``-c FILE``, else ``$RELAYD_CONFIG``, else
+    /etc/relayd/relayd.yaml. relayd never starts on a built-in default."""
+    for origin, candidate in (("-c", cli_path), ("RELAYD_CONFIG", os.environ.get("RELAYD_CONFIG"))):
+        if candidate:
+            path = Path(candidate).absolute()
+            if not path.is_file():
+                raise ConfigError([f"{path} (from {origin}): no such file"])
+            return path
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH
+    raise ConfigError([f"no configuration file found: {_HINT}"])
+
+
+def load_config(path: Path) -> Config:
+    path = path.absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    root = compose(text, str(path))
+    if root is None:
+        raise ConfigError([f"{path}: the file is empty; see etc/relayd.example.yaml"])
+    if not isinstance(root, MappingNode):
+        raise ConfigError([f"{path}: line {line_of(root)}: expected a mapping of settings"])
+    rd = NodeReader(base_dir=path.parent)
+    config = _read(rd, Item("", root, 1), path)
+    if rd.problems:
+        raise ConfigError(_in_file_order(rd.problems), _in_file_order(rd.warnings))
+    return replace(config, warnings=tuple(_in_file_order(rd.warnings)))
+
+
+def _in_file_order(messages: list[str]) -> list[str]:
+    """Sorted by line (stable), once each: a tenant's problem can surface once per account."""
+
+    def line(message: str) -> int:
+        found = _LINE.search(message)
+        return int(found.group(1)) if found else 0
+
+    return sorted(dict.fromkeys(messages), key=line)
+
+
+def _default_state_directory() -> Path:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY, colon-separated when it names several.
+    from_systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(from_systemd) if from_systemd else DEFAULT_STATE_DIRECTORY
+
+
+def _read(rd: NodeReader, root: Item, path: Path) -> Config:
+    f = rd.mapping(root, ROOT_KEYS)
+    state = rd.file_path(f["state_directory"], "a directory") or _default_state_directory()
+    helo = rd.parsed(f["helo_name"], parse_host, "a host name", trim=True) or socket.getfqdn()
+    clients = read_clients(rd, f["clients"])
+    listeners = read_listeners(rd, f["listen"], clients)
+    tenants = read_tenants(rd, f["tenants"], state)
+    tokens = rd.mapping(f["tokens"], ("key",))
+    return Config(
+        source=path,
+        state_directory=state,
+        helo_name=helo,
+        log_level=rd.choice(f["log_level"], LOG_LEVELS) or "info",
+        listeners=listeners,
+        clients=clients,
+        rewrite_senders=_rewrite_senders(rd, f["rewrite_senders"]),
+        spool=_spool(rd, f["spool"]),
+        tokens_key=read_secret(rd, tokens["key"]),
+        tenants=tenants,
+        alerts=_alerts(rd, f["alerts"], tenants),
+        metrics=_metrics(rd, f["metrics"]),
+    )
+
+
+# -- the rest of the top level ----------------------------------------------------------------
+
+
+def _rewrite_senders(rd: NodeReader, item: Item) -> tuple[tuple[AddressPattern, str], ...]:
+    """SPEC: a key is a bare local part or an address pattern.
+
+    A bare local part (``root``) stays an AddressPattern without "@": routing matches it
+    against ``root``, ``root@localhost`` and ``root@<this host>``, as cron writes them.
+    """
+    rules: list[tuple[AddressPattern, str]] = []
+    for key, value_item in rd.mapping(item, None).items():
+        target = rd.parsed(value_item, parse_address, ADDRESS, trim=True)
+        sender = key.strip()
+        if sender != key:
+            rd.warn(
+                value_item.path, value_item.line, "leading/trailing whitespace removed from the key"
+            )
+        try:
+            if "@" in sender or sender == "*":
+                pattern = parse_pattern(sender)
+            else:
+                pattern = AddressPattern(parse_address(f"{sender}@localhost").split("@")[0].lower())
+        except ValueError as exc:
+            rd.error(
+                value_item.path,
+                value_item.line,
+                f"the key must be a local part (e.g. root) or {PATTERN}: {exc}",
+            )
+            continue
+        if target is not None:
+            rules.append((pattern, target))
+    return tuple(rules)
+
+
+def _spool(rd: NodeReader, item: Item) -> SpoolConfig:
+    f = rd.mapping(item, SPOOL_KEYS)
+    retry = rd.mapping(f["retry"], RETRY_KEYS)
+    first = rd.duration(retry["first"]) or 300.0
+    longest = rd.duration(retry["max"]) or 3600.0
+    give_up = rd.duration(retry["give_up_after"]) or 5 * 86400.0
+    if first > longest:
+        rd.error(retry.path, retry.line, "retry.first is longer than retry.max")
+    encrypt = rd.boolean(f["encrypt_at_rest"]) or False
+    key = read_secret(rd, f["key"])
+    if encrypt and not f["key"].present:
+        rd.error(
+            f["encrypt_at_rest"].path,
+            f["encrypt_at_rest"].line,
+            "encrypt_at_rest: true needs spool.key "
+            "(a secret value, e.g. {credential: relayd-spool-key})",
+        )
+    elif key is not None and not encrypt:
+        rd.warn(f["key"].path, f["key"].line, "not used: encrypt_at_rest is false")
+    delay_warning = rd.duration(f["delay_warning"], allow_zero=True)
+    size = rd.size(f["max_message_size"])
+    if size == 0:
+        rd.expected(f["max_message_size"], "a size of more than 0 bytes")
+    return SpoolConfig(
+        max_message_size=size or 35 * 2**20,
+        retry=RetryPolicy(first=first, max=longest, give_up_after=give_up),
+        delay_warning=delay_warning or 0.0,
+        encrypt_at_rest=encrypt,
+        key=key,
+    )
+
+
+def _owned(tenants: tuple[TenantConfig, ...], address: str) -> bool:
+    for tenant in tenants:
+        if any(a.owns(address) for a in tenant.accounts):
+            return True
+        if tenant.domain_account and any(p.matches(address) for p in tenant.domains):
+            return True
+    return False
+
+
+def _alerts(rd: NodeReader, item: Item, tenants: tuple[TenantConfig, ...]) -> AlertsConfig | None:
+    if not item.present:
+        return None
+    f = rd.mapping(item, ALERTS_KEYS)
+    via = rd.parsed(f["via"], parse_address, ADDRESS, trim=True)
+    email = rd.parsed(f["email"], parse_address, ADDRESS, trim=True)
+    webhook = rd.parsed(f["webhook"], lambda t: parse_url(t, allow_http=True), "an http(s) URL")
+    if via is not None and not _owned(tenants, via):
+        rd.error(f["via"].path, f["via"].line, f"{via} is not an account (or alias) of any tenant")
+    if email is not None and not f["via"].present:
+        rd.error(
+            f["email"].path,
+            f["email"].line,
+            "alert emails need alerts.via, the account that sends them",
+        )
+    if not f["email"].present and not f["webhook"].present:
+        rd.warn(item.path, item.line, "neither email nor webhook: alerts only go to the log")
+    return AlertsConfig(via=via.lower() if via else None, email=email, webhook=webhook)
+
+
+def _metrics(rd: NodeReader, item: Item) -> MetricsConfig | None:
+    if not item.present:
+        return None
+    f = rd.mapping(item, ("address",))
+    what = "an address like 127.0.0.1:9425"
+    rd.require(f["address"], what)
+    found = rd.parsed(f["address"], parse_host_port, what, trim=True)
+    return MetricsConfig(address=found[0], port=found[1]) if found else None

@@ -1,0 +1,272 @@
+"""The configuration as typed, frozen objects.
+
+The YAML is parsed once (``relayd.config.loader``) into these records; no other module ever
+sees a raw dict. Every record that a runtime message may need to point back to carries the
+YAML path and line it came from.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "ANONYMOUS",
+    "AccountConfig",
+    "AddressPattern",
+    "AlertsConfig",
+    "AuthPolicy",
+    "ClientConfig",
+    "Config",
+    "ImapServer",
+    "Limits",
+    "ListenerConfig",
+    "MetricsConfig",
+    "OAuthConfig",
+    "RetryPolicy",
+    "Secret",
+    "SentCopy",
+    "SmtpServer",
+    "SpoolConfig",
+    "TenantConfig",
+    "TlsMode",
+]
+
+ANONYMOUS = "anonymous"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TlsMode(enum.Enum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+class AuthPolicy(enum.Enum):
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class SentCopy(enum.Enum):
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value, already read from its source at load time.
+
+    ``repr`` and ``str`` never show the value: these objects end up in tracebacks and logs.
+    """
+
+    value: str = field(repr=False)
+    source: str  # "env:NAME", "file:PATH", "credential:NAME" or "literal" — safe to print
+
+    def reveal(self) -> str:
+        return self.value
+
+    def __str__(self) -> str:
+        return f"<secret from {self.source}>"
+
+
+@dataclass(frozen=True)
+class AddressPattern:
+    """An address pattern of SPEC: ``user@dom``, ``*@dom``, ``*@*.dom`` or ``*``.
+
+    Case-insensitive. A bare local part (``root``, only in ``rewrite_senders``) has no "@".
+    """
+
+    text: str  # lower-cased
+
+    def matches(self, address: str) -> bool:
+        address = address.lower()
+        if self.text == "*":
+            return True
+        local, _, domain = self.text.rpartition("@")
+        a_local, at, a_domain = address.rpartition("@")
+        if not at:
+            return False
+        if local != "*" and local != a_local:
+            return False
+        if domain.startswith("*."):
+            return a_domain.endswith(domain[1:])
+        return domain == a_domain
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    tcp_host: str | None  # None for a unix socket
+    tcp_port: int | None
+    unix_path: Path | None
+    auth: AuthPolicy
+    tls: TlsMode
+    certificate: Path | None
+    private_key: Path | None
+    tls_min_version: str  # "1.2" or "1.3"
+    where: str  # "listen[0]: line 3", for messages
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.unix_path is not None:
+            return True
+        assert self.tcp_host is not None
+        if self.tcp_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.tcp_host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def display(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.tcp_host}]" if self.tcp_host and ":" in self.tcp_host else self.tcp_host
+        return f"{host}:{self.tcp_port}"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    name: str
+    password_hash: str | None
+    unix_users: tuple[str, ...]
+    networks: tuple[IPNetwork, ...]
+    may_send_as: tuple[AddressPattern, ...]
+
+    def may_send_as_address(self, address: str) -> bool:
+        return any(p.matches(address) for p in self.may_send_as)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    first: float  # seconds
+    max: float
+    give_up_after: float
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_message_size: int
+    retry: RetryPolicy
+    delay_warning: float  # seconds, 0 = off
+    encrypt_at_rest: bool
+    key: Secret | None
+
+
+@dataclass(frozen=True)
+class SmtpServer:
+    host: str
+    port: int
+    tls: TlsMode
+    ca_file: Path | None
+
+
+@dataclass(frozen=True)
+class ImapServer:
+    host: str
+    port: int
+    tls: TlsMode
+    ca_file: Path | None
+    username: str | None
+    password: Secret | None
+    sent_folder: str | None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_connections: int = 3
+    max_messages_per_minute: int = 0  # 0 = no limit
+    max_recipients: int = 0  # 0 = no limit
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    flow: str  # delegated | client_credentials | service_account | refresh_token
+    client_id: str | None = None
+    tenant_id: str | None = None
+    client_secret: Secret | None = None
+    certificate: Secret | None = None
+    thumbprint: str | None = None
+    service_account_key: Secret | None = None
+    token_url: str | None = None
+    refresh_token: Secret | None = None
+    scopes: tuple[str, ...] = ()
+    authority: str | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """One mailbox relayd logs in as. Routes resolve to these."""
+
+    address: str  # lower-cased
+    tenant: str
+    provider: str
+    username: str
+    password: Secret | None
+    oauth: OAuthConfig | None
+    smtp: SmtpServer | None  # None only for the capture provider
+    imap: ImapServer | None
+    limits: Limits
+    sent_copy: SentCopy
+    from_name: str | None
+    aliases: tuple[str, ...]  # lower-cased
+    capture_path: Path | None  # the Maildir of the capture provider
+    where: str  # "tenants.acme.accounts[1]: line 40"
+
+    @property
+    def is_capture(self) -> bool:
+        return self.provider == "capture"
+
+    def owns(self, address: str) -> bool:
+        address = address.lower()
+        return address == self.address or address in self.aliases
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    provider: str
+    domains: tuple[AddressPattern, ...]  # "*@example.com" style patterns built from `domains:`
+    accounts: tuple[AccountConfig, ...]
+    # The template an address routed by `domains:` gets (app-only OAuth or capture).
+    domain_account: AccountConfig | None
+    where: str
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    via: str | None
+    email: str | None
+    webhook: str | None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    state_directory: Path
+    helo_name: str
+    log_level: str
+    listeners: tuple[ListenerConfig, ...]
+    clients: dict[str, ClientConfig]
+    rewrite_senders: tuple[tuple[AddressPattern, str], ...]
+    spool: SpoolConfig
+    tokens_key: Secret | None
+    tenants: tuple[TenantConfig, ...]
+    alerts: AlertsConfig | None
+    metrics: MetricsConfig | None
+    warnings: tuple[str, ...] = ()
+
+    def accounts(self) -> tuple[AccountConfig, ...]:
+        return tuple(a for t in self.tenants for a in t.accounts)

@@ -1,0 +1,140 @@
+"""Account health: the pause rule and the unhealthy-upstream rule, as pure transitions.
+
+SPEC "Delivery": credentials refused on two consecutive attempts pause the account (mail
+held, one alert); a paused account is probed with a login alone every ``retry.max`` and
+resumes when a probe succeeds, when its credentials change, or on release. An upstream that
+keeps failing at the network/TLS level is marked unhealthy: its mail waits without attempts
+until the next probe time, so it never slows other accounts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+__all__ = ["PAUSE_AFTER_REFUSALS", "UNHEALTHY_AFTER_FAILURES", "AccountHealth", "AccountState"]
+
+PAUSE_AFTER_REFUSALS = 2
+UNHEALTHY_AFTER_FAILURES = 3
+
+
+class AccountState(enum.Enum):
+    OK = "ok"
+    DEFERRED = "deferred"  # last attempt failed temporarily
+    UNHEALTHY = "unhealthy"  # repeated network/TLS failures: waiting for the next probe
+    PAUSED = "paused"  # credentials refused: mail held until fixed
+
+
+@dataclass(frozen=True)
+class AccountHealth:
+    address: str
+    state: AccountState = AccountState.OK
+    reason: str = ""
+    credential_refusals: int = 0  # consecutive
+    connection_failures: int = 0  # consecutive
+    paused_at: float | None = None
+    alerted_at: float | None = None
+    retry_at: float = 0.0  # unhealthy/paused: no attempt before this
+    last_success_at: float | None = None
+    last_error_at: float | None = None
+    last_error: str = ""
+    credentials_fingerprint: str = ""
+
+    @property
+    def paused(self) -> bool:
+        return self.state is AccountState.PAUSED
+
+    def accepting_attempts(self, now: float) -> bool:
+        if self.state is AccountState.PAUSED:
+            return False
+        return not (self.state is AccountState.UNHEALTHY and now < self.retry_at)
+
+    def on_success(self, now: float) -> AccountHealth:
+        return replace(self.on_released(), last_success_at=now)
+
+    def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
+        refusals = self.credential_refusals + 1
+        changed = replace(
+            self,
+            credential_refusals=refusals,
+            connection_failures=0,
+            last_error_at=now,
+            last_error=reply,
+        )
+        if refusals >= PAUSE_AFTER_REFUSALS:
+            return replace(
+                changed,
+                state=AccountState.PAUSED,
+                reason=f"credentials refused: {reply}",
+                paused_at=self.paused_at or now,
+                retry_at=now + probe_after,
+            )
+        return replace(changed, state=AccountState.DEFERRED, reason=reply)
+
+    def on_connection_failure(self, now: float, detail: str, retry_after: float) -> AccountHealth:
+        if self.state is AccountState.PAUSED:
+            return replace(self, last_error_at=now, last_error=detail)
+        failures = self.connection_failures + 1
+        state = (
+            AccountState.UNHEALTHY
+            if failures >= UNHEALTHY_AFTER_FAILURES
+            else AccountState.DEFERRED
+        )
+        return replace(
+            self,
+            state=state,
+            reason=detail,
+            connection_failures=failures,
+            retry_at=now + retry_after if state is AccountState.UNHEALTHY else 0.0,
+            last_error_at=now,
+            last_error=detail,
+        )
+
+    def on_message_failure(self, now: float, reply: str) -> AccountHealth:
+        """A 4xx/5xx about one message: the account itself is fine (login worked)."""
+        return replace(
+            self,
+            state=AccountState.OK if self.state is not AccountState.PAUSED else self.state,
+            credential_refusals=0,
+            connection_failures=0,
+            last_error_at=now,
+            last_error=reply,
+        )
+
+    def on_released(self) -> AccountHealth:
+        return replace(
+            self,
+            state=AccountState.OK,
+            reason="",
+            credential_refusals=0,
+            connection_failures=0,
+            paused_at=None,
+            alerted_at=None,
+            retry_at=0.0,
+        )
+
+    def on_credentials_changed(self, fingerprint: str) -> AccountHealth:
+        """New password or token: a paused account gets a fresh chance (SPEC resume rule)."""
+        if fingerprint == self.credentials_fingerprint:
+            return self
+        resumed = self.on_released() if self.paused else self
+        return replace(resumed, credentials_fingerprint=fingerprint)
+
+    def but_alerted(self, now: float) -> AccountHealth:
+        return replace(self, alerted_at=now)
+
+    def with_retry_at(self, when: float) -> AccountHealth:
+        return replace(self, retry_at=when)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AccountHealth:
+        data = dict(data)
+        data["state"] = AccountState(data.get("state", "ok"))
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,426 @@
+"""Per-transaction policy of the SMTP server, as an aiosmtpd handler.
+
+Who the client is (AUTH login, Unix user, network, else anonymous), whether it may send as
+the envelope sender and through which account (decided at MAIL FROM, so the application
+hears it at once), which recipient forms are accepted, and how an accepted message becomes a
+spool file. The protocol itself (reading DATA, TLS, EHLO) is ``relayd.inbound.server``.
+
+The config is read from ``self.config`` once per transaction (at MAIL FROM) and kept with
+the transaction, so a reload (which replaces ``self.config``) never changes the rules in the
+middle of a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiosmtpd.smtp import AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+
+from relayd.config.model import ANONYMOUS, AuthPolicy, ClientConfig, Config, ListenerConfig
+from relayd.core.envelope import Envelope
+from relayd.core.routing import (
+    Refusal,
+    RouteDecision,
+    check_address_syntax,
+    decide_route,
+    identify_client,
+    rewrite_sender,
+)
+from relayd.inbound.data import SIZE_REPLY
+from relayd.inbound.headers import HeaderPolicy, apply_header_policy, new_message_id
+from relayd.inbound.passwords import verify_password
+from relayd.spool.store import Reception, Spool, new_queue_id
+
+__all__ = [
+    "CredentialCheck",
+    "InboundHandler",
+    "LoginGuard",
+    "MessageSink",
+    "RelaySession",
+    "Transaction",
+]
+
+log = logging.getLogger("relayd.inbound")
+
+# Postfix's smtpd_recipient_limit; RFC 5321 §4.5.3.1.8 asks for at least 100.
+MAX_RECIPIENTS = 1000
+
+
+class RelaySession(Session):
+    """aiosmtpd's session, plus who is at the other end of the connection."""
+
+    def __init__(self, loop: Any, listener: ListenerConfig) -> None:
+        super().__init__(loop)
+        self.listener = listener
+        self.peer_ip: str | None = None
+        self.peer_port: int | None = None
+        self.unix_user: str | None = None  # from SO_PEERCRED on a unix listener
+        self.tls = False
+        self.login: str | None = None  # the client name, after a successful AUTH
+
+    @property
+    def peer_text(self) -> str:
+        if self.peer_ip is None:
+            return "unix"
+        if ":" in self.peer_ip:
+            return f"[{self.peer_ip}]:{self.peer_port}"
+        return f"{self.peer_ip}:{self.peer_port}"
+
+    @property
+    def guard_key(self) -> str:
+        """Failed logins are counted per peer address (all unix-socket peers are one)."""
+        return self.peer_ip or "unix"
+
+    # aiosmtpd sets login_data after every AUTH and its property logs a deprecation warning
+    # each time; relayd keeps the login in ``login`` and wants no such noise.
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
+class Transaction(SMTPEnvelope):
+    """aiosmtpd's envelope, plus the decisions taken at MAIL FROM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: Config | None = None
+        self.client: ClientConfig | None = None
+        self.route: RouteDecision | None = None
+        self.original_sender = ""
+
+
+class LoginGuard:
+    """SPEC routing rule 1: 5 failed logins from one address within a minute, and that
+    address gets ``421 4.7.0`` at AUTH for a minute. Pure bookkeeping with an injected clock.
+
+    Only AUTH is refused, not the connection: on a loopback listener every local application
+    shares 127.0.0.1, and one with a wrong password must not stop cron's anonymous mail.
+    A successful login does not reset the count, or one valid password would buy unlimited
+    guesses at the others.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_failures: int = 5,
+        window: float = 60.0,
+        block_for: float = 60.0,
+    ) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.block_for = block_for
+        self._failures: dict[str, deque[float]] = {}
+        self._blocked_until: dict[str, float] = {}
+
+    def blocked(self, peer: str) -> bool:
+        until = self._blocked_until.get(peer)
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self._blocked_until[peer]
+        return False
+
+    def failed(self, peer: str) -> None:
+        now = self.clock()
+        failures = self._failures.setdefault(peer, deque())
+        failures.append(now)
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if len(failures) >= self.max_failures:
+            self._blocked_until[peer] = now + self.block_for
+            failures.clear()
+        if len(self._failures) > 4096:  # a scan from many addresses: forget the stale ones
+            self._failures = {p: f for p, f in self._failures.items() if f and f[-1] > now - 60}
+
+
+class CredentialCheck:
+    """Password verification with a memory of successes.
+
+    aiosmtpd's authenticator is synchronous, so scrypt runs on the event loop; remembering
+    logins that verified (under an HMAC with a per-process random key, never the password
+    itself) keeps a busy client from costing one scrypt per connection. The hash is part of
+    the key, so a changed ``password_hash`` (reload) is verified afresh.
+    """
+
+    def __init__(
+        self, verify: Callable[[str, str], bool] = verify_password, max_entries: int = 1024
+    ) -> None:
+        self._verify = verify
+        self._max_entries = max_entries
+        self._secret = secrets.token_bytes(32)
+        self._verified: set[bytes] = set()
+
+    def check(self, login: str, password: str, encoded: str) -> bool:
+        material = "\0".join((login, password, encoded)).encode("utf-8", "surrogateescape")
+        key = hmac.new(self._secret, material, hashlib.sha256).digest()
+        if key in self._verified:
+            return True
+        if not self._verify(password, encoded):
+            return False
+        if len(self._verified) >= self._max_entries:
+            self._verified.clear()
+        self._verified.add(key)
+        return True
+
+
+class MessageSink:
+    """Where one accepted transaction's content goes: the header policy, then the spool."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        envelope: Envelope,
+        policy: HeaderPolicy,
+        max_size: int,
+        on_queued: Callable[[str], None],
+    ) -> None:
+        self.spool = spool
+        self.envelope = envelope
+        self.policy = policy
+        self.max_size = max_size
+        self.on_queued = on_queued
+        self._reception: Reception | None = None
+
+    def start(self, head: bytes, rest: bytes) -> str | None:
+        """Check the header section and open the spool file; the refusal reply, if any.
+
+        Raises OSError (SpoolError) when the spool cannot take the message.
+        """
+        message_id = new_message_id(self.policy.helo_name)
+        result = apply_header_policy(head, self.policy, message_id=message_id)
+        if isinstance(result, Refusal):
+            log.info(
+                "%s: refused: client=%s from=<%s>: %s",
+                self.envelope.peer,
+                self.envelope.client,
+                self.envelope.sender,
+                result.reply,
+            )
+            return result.reply
+        self._reception = self.spool.receive(self.envelope)
+        self._reception.write(result)
+        if rest and not rest.startswith(b"\r\n"):
+            self._reception.write(b"\r\n")  # the body had no separator line before it
+        self._reception.write(rest)
+        return None
+
+    def write(self, content: bytes) -> None:
+        assert self._reception is not None
+        self._reception.write(content)
+
+    def commit(self) -> Awaitable[str]:
+        """Make the message durable in the spool (file and directory fsync'd); the awaitable
+        gives the queue id. From this call on, ``abort`` no longer touches the reception."""
+        assert self._reception is not None
+        reception, self._reception = self._reception, None
+        return self._commit(reception)
+
+    async def _commit(self, reception: Reception) -> str:
+        size = reception.length
+        queue_id = await reception.commit()
+        env = self.envelope
+        log.info(
+            "%s: client=%s peer=%s from=<%s> account=%s nrcpt=%d size=%d",
+            queue_id,
+            env.client,
+            env.peer,
+            env.sender,
+            env.account,
+            len(env.recipients),
+            size,
+        )
+        try:
+            self.on_queued(queue_id)
+        except Exception:  # the message is safe in the spool; the scheduler's scan finds it
+            log.exception("%s: on_queued callback failed", queue_id)
+        return queue_id
+
+    def abort(self) -> None:
+        if self._reception is not None:
+            self._reception.abort()
+            self._reception = None
+
+
+def _size_param(mail_options: list[str]) -> int | None:
+    """``SIZE=n`` of MAIL FROM (RFC 1870); aiosmtpd has checked it is all digits."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
+class InboundHandler:
+    """The aiosmtpd handler shared by every listener and connection of one process."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        on_queued: Callable[[str], None],
+        local_hostnames: frozenset[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        verify: Callable[[str, str], bool] = verify_password,
+    ) -> None:
+        self.config = config  # replaced on reload; read once per transaction
+        self.spool = spool
+        self.on_queued = on_queued
+        self.local_hostnames = local_hostnames
+        self.guard = LoginGuard(clock)
+        self.credentials = CredentialCheck(verify)
+
+    # -- aiosmtpd hooks ----------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: Any,
+        session: RelaySession,
+        envelope: Transaction,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        config = self.config
+        if session.listener.auth is AuthPolicy.REQUIRED and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        size = _size_param(mail_options)
+        if size is not None and size > config.spool.max_message_size:
+            return SIZE_REPLY
+        sender = "" if address == "<>" else address  # aiosmtpd hands the null path over as "<>"
+        try:
+            client = identify_client(
+                config,
+                login=session.login,
+                unix_user=session.unix_user,
+                peer_ip=session.peer_ip,
+            )
+        except KeyError:  # the login's client was removed by a reload
+            return "550 5.7.1 Client is no longer configured"
+        decision = decide_route(config, client, sender, self.local_hostnames)
+        if isinstance(decision, Refusal):
+            log.info(
+                "%s: MAIL refused: client=%s from=<%s>: %s",
+                session.peer_text,
+                client.name,
+                sender,
+                decision.reply,
+            )
+            return decision.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.config = config
+        envelope.client = client
+        envelope.route = decision
+        envelope.original_sender = sender
+        log.debug(
+            "%s: MAIL FROM:<%s> client=%s route=%s (tenant %s)",
+            session.peer_text,
+            sender,
+            client.name,
+            decision.account.address,
+            decision.account.tenant,
+        )
+        return f"250 2.1.0 Sender <{sender}> ok"
+
+    async def handle_RCPT(
+        self,
+        server: Any,
+        session: RelaySession,
+        envelope: Transaction,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        # Any recipient is fine for a sender that passed MAIL FROM: the open-relay guard is
+        # the sender check. The forms relay probes use are refused outright.
+        refusal = check_address_syntax(address)
+        if refusal is not None:
+            return refusal.reply
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        log.debug("%s: RCPT TO:<%s>", session.peer_text, address)
+        return f"250 2.1.5 Recipient <{address}> ok"
+
+    def authenticate(
+        self,
+        server: Any,
+        session: Session,
+        envelope: SMTPEnvelope,
+        mechanism: str,
+        auth_data: Any,
+    ) -> AuthResult:
+        """aiosmtpd's ``authenticator``: the login is a client name with a password_hash."""
+        assert isinstance(session, RelaySession)
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "surrogateescape")
+        password = auth_data.password.decode("utf-8", "surrogateescape")
+        client = self.config.clients.get(login)
+        if (
+            client is None
+            or client.name == ANONYMOUS
+            or client.password_hash is None
+            or not self.credentials.check(login, password, client.password_hash)
+        ):
+            self.guard.failed(session.guard_key)
+            # The login is not logged: users type passwords into the wrong field.
+            log.warning("%s: AUTH %s failed", session.peer_text, mechanism)
+            return AuthResult(success=False, handled=False)
+        session.login = client.name
+        log.info("%s: AUTH %s as %s", session.peer_text, mechanism, client.name)
+        return AuthResult(success=True, auth_data=client.name)
+
+    # -- DATA ----------------------------------------------------------------------------
+
+    def open_message(self, session: RelaySession, envelope: Transaction) -> MessageSink:
+        """The sink for the content of an accepted transaction (after its RCPTs)."""
+        config, client, route = envelope.config, envelope.client, envelope.route
+        assert config is not None and client is not None and route is not None
+        account = route.account
+        record = Envelope(
+            queue_id=new_queue_id(),
+            received_at=time.time(),
+            client=client.name,
+            peer=session.peer_text,
+            sender=route.sender,
+            recipients=tuple(envelope.rcpt_tos),
+            account=account.address,
+            tenant=account.tenant,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        rewrite: Callable[[str], str] | None = None
+        if envelope.original_sender.lower() != route.sender.lower():
+            local_hostnames = self.local_hostnames
+
+            def rewrite(address: str) -> str:
+                return rewrite_sender(config, address, local_hostnames)
+
+        policy = HeaderPolicy(
+            sender=route.sender,
+            # SPEC rule 5 names the sender and the account's aliases; the account's own
+            # address is the mailbox the message leaves from, so naming it forges nothing.
+            allowed=frozenset({route.sender.lower(), account.address, *account.aliases}),
+            from_name=account.from_name,
+            helo_name=config.helo_name,
+            rewrite=rewrite,
+        )
+        return MessageSink(
+            self.spool, record, policy, config.spool.max_message_size, self.on_queued
+        )

@@ -1,0 +1,544 @@
+"""The one place that schedules delivery (Postfix's qmgr): lanes per account, timers, pauses.
+
+Every account has a lane: a ready queue and at most ``limits.max_connections`` workers, each
+keeping its upstream session open across messages (one login, many messages — Gmail answers
+"454 Too many login attempts" to a login per message). A paused or unhealthy account's lane
+does not run, so it never slows another account. Deferred messages wait on one timer heap.
+Decisions about what an attempt means live in ``relayd.core``; this module only moves files
+and tasks accordingly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from relayd.config.model import AccountConfig, Config
+from relayd.core.envelope import Envelope
+from relayd.core.health import AccountHealth
+from relayd.core.retry import next_delay
+from relayd.core.routing import find_account
+from relayd.core.states import Plan, Target, plan_after_attempt
+from relayd.errors import SpoolError
+from relayd.spool.accounts import AccountStore
+from relayd.spool.store import Spool, StoredMessage, new_queue_id
+from relayd.upstream.delivery import AccountSignal, AttemptReport, Deliverer
+from relayd.upstream.dsn import BouncedRecipient, build_dsn
+from relayd.upstream.transport import UpstreamSession
+
+__all__ = ["Scheduler", "credentials_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+IDLE_SESSION_SECONDS = 30.0
+
+
+def credentials_fingerprint(account: AccountConfig) -> str:
+    """Changes when the configured credentials change; reveals nothing usable about them."""
+    h = hashlib.sha256(b"relayd-credentials\0")
+    h.update(account.username.encode())
+    if account.password is not None:
+        h.update(b"\0password\0" + account.password.reveal().encode())
+    if account.oauth is not None:
+        h.update(b"\0oauth\0" + repr(account.oauth).encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class _Lane:
+    account: str
+    ready: deque[str] = field(default_factory=deque)
+    workers: int = 0
+    idle: list[UpstreamSession] = field(default_factory=list)
+    sent_at: deque[float] = field(default_factory=deque)
+    logins: int = 0
+    probing: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spool: Spool,
+        accounts: AccountStore,
+        deliverer: Deliverer,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.accounts = accounts
+        self.deliverer = deliverer
+        self.clock = clock
+        self.rand = rand
+        self.reporting_host = config.helo_name or socket.getfqdn()
+        self._lanes: dict[str, _Lane] = {}
+        self._health: dict[str, AccountHealth] = {}
+        self._timers: list[tuple[float, str]] = []  # (due, queue id) for deferred/
+        self._where: dict[str, str] = {}  # queue id -> queue directory
+        self._account_of: dict[str, str] = {}  # queue id -> account address
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load account states and the spool (after recovery) and start the timer."""
+        self._health = self.accounts.load_all()
+        self.apply_credentials()
+        for qid in self.spool.list("incoming"):
+            self.submit(qid)
+        for qid in self.spool.list("deferred"):
+            state = self.spool.read_state(qid)
+            self._where[qid] = "deferred"
+            heapq.heappush(self._timers, (state.next_attempt_at, qid))
+        for qid in self.spool.list("hold"):
+            self._where[qid] = "hold"
+            self._note_account(qid, "hold")
+        self._release_unpaused_holds()
+        self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Drain: no new attempts; wait for the ones in flight, then close sessions."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()  # the message stays in active/ and is retried after restart
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task
+        for lane in self._lanes.values():
+            for session in lane.idle:
+                await session.quit()
+            lane.idle.clear()
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        self.apply_credentials()
+        self._release_unpaused_holds()
+
+    # -- health -------------------------------------------------------------------------
+
+    def health(self, address: str) -> AccountHealth:
+        address = address.lower()
+        if address not in self._health:
+            self._health[address] = AccountHealth(address=address)
+        return self._health[address]
+
+    def _set_health(self, health: AccountHealth) -> None:
+        if self._health.get(health.address) != health:
+            self._health[health.address] = health
+            self.accounts.save(health)
+
+    def apply_credentials(self) -> None:
+        """A paused account whose credentials changed gets a fresh chance (SPEC)."""
+        for account in self.config.accounts():
+            before = self.health(account.address)
+            after = before.on_credentials_changed(credentials_fingerprint(account))
+            if before.paused and not after.paused:
+                log.info("credentials changed; resuming", extra={"account": account.address})
+            self._set_health(after)
+
+    def release_account(self, address: str) -> None:
+        self._set_health(self.health(address).on_released())
+        self._release_unpaused_holds()
+
+    def _release_unpaused_holds(self) -> None:
+        for qid, queue in list(self._where.items()):
+            if queue != "hold":
+                continue
+            account = self._account_of.get(qid)
+            if account is None or self.health(account).paused:
+                continue
+            try:
+                self.spool.move(qid, "hold", "incoming")
+            except FileNotFoundError:
+                self._forget(qid)
+                continue
+            self._where[qid] = "incoming"
+            self.submit(qid)
+
+    # -- intake -------------------------------------------------------------------------
+
+    def submit(self, queue_id: str) -> None:
+        """A message is durable in incoming/ (new, recovered or released): queue it."""
+        if self._stopping:
+            return
+        self._where[queue_id] = "incoming"
+        account = self._note_account(queue_id, "incoming")
+        if account is None:
+            return
+        lane = self._lanes.setdefault(account, _Lane(account))
+        lane.ready.append(queue_id)
+        self._spawn_workers(lane)
+
+    def _note_account(self, queue_id: str, queue: str) -> str | None:
+        try:
+            msg = self.spool.load(queue_id, queue)
+        except SpoolError as exc:
+            log.error("cannot read: %s; quarantined", exc, extra={"queue_id": queue_id})
+            with contextlib.suppress(OSError):
+                self.spool.move(queue_id, queue, "corrupt")
+            self._forget(queue_id)
+            return None
+        self._account_of[queue_id] = msg.envelope.account
+        return msg.envelope.account
+
+    def _forget(self, queue_id: str) -> None:
+        self._where.pop(queue_id, None)
+        self._account_of.pop(queue_id, None)
+
+    def _spawn_workers(self, lane: _Lane) -> None:
+        account = self._account_config(lane.account)
+        limit = account.limits.max_connections if account else 1
+        while lane.ready and lane.workers < max(1, limit) and not self._stopping:
+            lane.workers += 1
+            task = asyncio.get_running_loop().create_task(self._work(lane))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _account_config(self, address: str, sender: str | None = None) -> AccountConfig | None:
+        found = find_account(self.config, sender or address)
+        if found is not None and found.address == address.lower():
+            return found
+        return find_account(self.config, address)
+
+    # -- timers -------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while not self._stopping:
+            now = self.clock()
+            while self._timers and self._timers[0][0] <= now:
+                _, qid = heapq.heappop(self._timers)
+                if self._where.get(qid) != "deferred":
+                    continue
+                try:
+                    self.spool.move(qid, "deferred", "incoming")
+                except FileNotFoundError:
+                    self._forget(qid)  # deleted by the operator meanwhile
+                    continue
+                self.submit(qid)
+            self._probe_paused(now)
+            delay = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    def flush(self) -> None:
+        """Retry every deferred message now (like ``postqueue -f``)."""
+        self._timers = [(0.0, qid) for _, qid in self._timers]
+        heapq.heapify(self._timers)
+        self._wake.set()
+
+    def _defer(self, queue_id: str, due: float) -> None:
+        self._where[queue_id] = "deferred"
+        heapq.heappush(self._timers, (due, queue_id))
+        self._wake.set()
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def _work(self, lane: _Lane) -> None:
+        session = lane.idle.pop() if lane.idle else None
+        try:
+            while lane.ready and not self._stopping:
+                qid = lane.ready.popleft()
+                await self._respect_rate_limit(lane)
+                try:
+                    session = await self._attempt(lane, qid, session)
+                except Exception:
+                    # A bug must not strand the message: it stays spooled and is retried.
+                    log.exception("delivery attempt failed unexpectedly", extra={"queue_id": qid})
+                    if session is not None:
+                        session.close()
+                        session = None
+                    if self._where.get(qid) == "active":
+                        self._park(qid, "deferred")
+                        self._defer(qid, self.clock() + self.config.spool.retry.first)
+        finally:
+            lane.workers -= 1
+            if session is not None and session.is_open:
+                lane.idle.append(session)
+                asyncio.get_running_loop().call_later(
+                    IDLE_SESSION_SECONDS, self._close_idle, lane, session
+                )
+
+    def _close_idle(self, lane: _Lane, session: UpstreamSession) -> None:
+        if session in lane.idle:
+            lane.idle.remove(session)
+            task = asyncio.get_running_loop().create_task(session.quit())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _respect_rate_limit(self, lane: _Lane) -> None:
+        account = self._account_config(lane.account)
+        per_minute = account.limits.max_messages_per_minute if account else 0
+        if per_minute <= 0:
+            return
+        while True:
+            now = self.clock()
+            while lane.sent_at and lane.sent_at[0] <= now - 60:
+                lane.sent_at.popleft()
+            if len(lane.sent_at) < per_minute:
+                lane.sent_at.append(now)
+                return
+            await asyncio.sleep(lane.sent_at[0] + 60 - now)
+
+    async def _attempt(
+        self, lane: _Lane, qid: str, session: UpstreamSession | None
+    ) -> UpstreamSession | None:
+        queue = self._where.get(qid, "incoming")
+        try:
+            self.spool.move(qid, queue, "active")
+            msg = self.spool.load(qid, "active")
+        except FileNotFoundError:
+            self._forget(qid)  # deleted by the operator meanwhile
+            return session
+        except SpoolError as exc:
+            log.error("cannot read: %s; quarantined", exc, extra={"queue_id": qid})
+            self._park(qid, "corrupt", source="active")
+            self._forget(qid)
+            return session
+        self._where[qid] = "active"
+        envelope = msg.envelope
+        logx = {"queue_id": qid, "account": envelope.account}
+        health = self.health(envelope.account)
+        now = self.clock()
+        if health.paused:
+            self._park(qid, "hold")
+            return session
+        if not health.accepting_attempts(now):
+            self._park(qid, "deferred")
+            self._defer(qid, health.retry_at)
+            return session
+        account = self._account_config(envelope.account, envelope.sender)
+        if account is None:
+            log.warning("sender no longer configured; mail kept, retrying later", extra=logx)
+            self._park(qid, "deferred")
+            self._defer(qid, now + self.config.spool.retry.max)
+            return session
+        state = self.spool.read_state(qid)
+        pending = state.pending(envelope)
+        content = await asyncio.to_thread(msg.read_content)
+        report, session = await self.deliverer.attempt(
+            account, envelope.sender, pending, content, session, smtputf8=envelope.smtputf8
+        )
+        lane.logins += report.sessions_opened
+        now = self.clock()
+        paused = self._apply_signal(account, report, now, logx)
+        plan = plan_after_attempt(
+            envelope,
+            state,
+            report.results,
+            now=now,
+            policy=self.config.spool.retry,
+            random_unit=self.rand(),
+            relay=report.relay,
+            account_paused=paused,
+        )
+        self._log_attempt(msg, plan, report, now, logx)
+        await self._carry_out(msg, account, plan, logx)
+        return session
+
+    def _apply_signal(
+        self, account: AccountConfig, report: AttemptReport, now: float, logx: dict[str, str]
+    ) -> bool:
+        """Update the account's health from the attempt; True if it is now paused."""
+        health = self.health(account.address)
+        retry = self.config.spool.retry
+        if report.signal is AccountSignal.CREDENTIALS_REFUSED:
+            health = health.on_credentials_refused(now, report.detail, probe_after=retry.max)
+            if health.paused and health.alerted_at is None:
+                # One alert per incident (SPEC); issue-5 alert channels hook in here.
+                log.error(
+                    "ALERT account paused: credentials refused twice in a row (%s); mail is "
+                    "held, not bounced. Fix the password/token, then reload or restart, or run "
+                    "`relayd queue release --account %s`",
+                    report.detail,
+                    account.address,
+                    extra=logx,
+                )
+                health = health.but_alerted(now)
+        elif report.signal is AccountSignal.CONNECTION_FAILED:
+            streak = health.connection_failures + 1
+            health = health.on_connection_failure(
+                now, report.detail, next_delay(retry, streak, self.rand())
+            )
+        elif report.signal is AccountSignal.SEND_AS_DENIED:
+            log.error("ALERT send-as refused by the provider: %s", report.detail, extra=logx)
+            health = health.on_message_failure(now, report.detail)
+        elif report.signal is AccountSignal.LOGIN_OK or report.results:
+            if all(r.verdict.value == "delivered" for r in report.results):
+                health = health.on_success(now)
+            else:
+                health = health.on_message_failure(now, report.results[-1].reply)
+        self._set_health(health)
+        if health.paused:
+            self._hold_account(account.address)
+        return health.paused
+
+    def _hold_account(self, address: str) -> None:
+        """Move the account's waiting mail to hold/ (visible on disk, not attempted)."""
+        lane = self._lanes.get(address)
+        if lane is not None:
+            while lane.ready:
+                qid = lane.ready.popleft()
+                self._park(qid, "hold")
+        for qid, queue in list(self._where.items()):
+            if queue == "deferred" and self._account_of.get(qid) == address:
+                self._park(qid, "hold", source="deferred")
+
+    def _park(self, qid: str, target: str, source: str | None = None) -> None:
+        source = source or self._where.get(qid, "active")
+        if source == target:
+            return
+        try:
+            self.spool.move(qid, source, target)
+        except FileNotFoundError:
+            self._forget(qid)
+            return
+        self._where[qid] = target
+
+    def _log_attempt(
+        self,
+        msg: StoredMessage,
+        plan: Plan,
+        report: AttemptReport,
+        now: float,
+        logx: dict[str, str],
+    ) -> None:
+        for r in report.results:
+            status = r.verdict.value
+            if status == "held" and plan.target is not Target.HOLD:
+                status = "deferred"
+            if r.recipient in {b.recipient for b in plan.bounce}:
+                status = "bounced"
+            log.info(
+                "to=<%s>, relay=%s, delay=%.1f, attempts=%d, dsn=%s, status=%s (%s)",
+                r.recipient,
+                report.relay,
+                now - msg.envelope.received_at,
+                plan.state.attempts,
+                r.status,
+                status,
+                r.reply,
+                extra=logx,
+            )
+
+    async def _carry_out(
+        self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
+    ) -> None:
+        qid = msg.queue_id
+        if plan.bounce:
+            await self._send_dsn(msg, account, plan, logx)
+        if plan.target is Target.DONE:
+            self.spool.remove(qid, "active")
+            self._forget(qid)
+            return
+        self.spool.write_state(qid, plan.state)
+        if plan.target is Target.HOLD:
+            self._park(qid, "hold")
+            return
+        self._park(qid, "deferred")
+        self._defer(qid, plan.state.next_attempt_at)
+
+    async def _send_dsn(
+        self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
+    ) -> None:
+        envelope = msg.envelope
+        if envelope.is_dsn:
+            log.warning("a DSN could not be delivered; no DSN is written about a DSN", extra=logx)
+            return
+        content = await asyncio.to_thread(msg.read_content)
+        bounced = [
+            BouncedRecipient(r.recipient, r.status, r.reply, plan.state.relay.rpartition(":")[0])
+            for r in plan.bounce
+        ]
+        reason = (
+            "The message could not be delivered before the retry lifetime ended."
+            if plan.expired
+            else "The receiving server refused these recipients permanently."
+        )
+        dsn_bytes = build_dsn(
+            queue_id=msg.queue_id,
+            reporting_host=self.reporting_host,
+            from_address=account.address,
+            to_address=envelope.sender,
+            original_sender=envelope.sender,
+            received_at=envelope.received_at,
+            recipients=bounced,
+            original_content=content,
+            reason=reason,
+        )
+        # The DSN goes into the sender's own mailbox through the same account (SPEC "DSNs").
+        dsn_envelope = Envelope(
+            queue_id=new_queue_id(),
+            received_at=self.clock(),
+            client="relayd",
+            peer="local",
+            sender=account.address,
+            recipients=(envelope.sender,),
+            account=envelope.account,
+            tenant=envelope.tenant,
+            is_dsn=True,
+        )
+        reception = self.spool.receive(dsn_envelope)
+        try:
+            reception.write(dsn_bytes)
+        except OSError:
+            reception.abort()
+            log.error("cannot spool DSN", extra=logx)
+            return
+        dsn_id = await reception.commit()
+        log.info("sender non-delivery notification: %s", dsn_id, extra=logx)
+        self.submit(dsn_id)
+
+    # -- paused accounts ----------------------------------------------------------------
+
+    def _probe_paused(self, now: float) -> None:
+        for health in list(self._health.values()):
+            if not health.paused or now < health.retry_at:
+                continue
+            lane = self._lanes.setdefault(health.address, _Lane(health.address))
+            if lane.probing:
+                continue
+            account = self._account_config(health.address)
+            if account is None or account.is_capture:
+                continue
+            lane.probing = True
+            task = asyncio.get_running_loop().create_task(self._probe(lane, account))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, lane: _Lane, account: AccountConfig) -> None:
+        """SPEC: a paused account is probed with a login alone every retry.max."""
+        logx = {"account": account.address}
+        session = self.deliverer.new_session(account)
+        try:
+            await session.probe()
+        except Exception as exc:
+            health = self.health(account.address)
+            retry_at = self.clock() + self.config.spool.retry.max
+            self._set_health(health.with_retry_at(retry_at))
+            log.info("probe failed (%s); still paused", exc, extra=logx)
+        else:
+            log.info("probe login succeeded; resuming", extra=logx)
+            self.release_account(account.address)
+        finally:
+            lane.probing = False

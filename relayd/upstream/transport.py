@@ -1,0 +1,266 @@
+"""One authenticated SMTP connection to an account's provider (aiosmtplib underneath).
+
+TLS is never opportunistic: ``implicit`` connects with TLS, ``starttls`` requires the server
+to offer STARTTLS and fails (deferring the mail) when it does not — aiosmtplib's default
+``start_tls=None`` would silently continue in plain text and send the password. Plain text
+only to a loopback upstream marked ``tls: none`` (enforced by the config loader).
+
+Library exceptions are mapped here, at the boundary, into ``AttemptError`` carrying the phase
+and either the server's reply or a ``Failure``; ``relayd.core.outcome`` decides what they mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from relayd.config.model import AccountConfig, TlsMode
+from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+
+__all__ = ["AttemptError", "Timeouts", "TransactionResult", "UpstreamSession", "tls_context_for"]
+
+# Supplies the password, or raises AttemptError(Phase.TOKEN, ...) for OAuth accounts.
+CredentialSource = Callable[[AccountConfig], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase timeouts, after RFC 5321 §4.5.3.2 (shortened: a relay should fail fast)."""
+
+    connect: float = 30.0
+    command: float = 60.0
+    data: float = 300.0  # the whole DATA transfer plus the final reply
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+log = logging.getLogger(__name__)
+
+
+class AttemptError(Exception):
+    def __init__(self, phase: Phase, outcome: Reply | Failure) -> None:
+        super().__init__(str(outcome))
+        self.phase = phase
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class TransactionResult:
+    """Replies for one MAIL/RCPT/DATA transaction, per recipient."""
+
+    replies: dict[str, tuple[Phase, Reply]]
+
+
+def tls_context_for(ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # SPEC: TLS 1.2 or newer upstream
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _failure_from(exc: BaseException, phase: Phase) -> Failure:
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 6:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for item in chain:
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return Failure(
+                Phase.TLS, FailureKind.TLS, f"certificate not trusted: {item.verify_message}"
+            )
+        if isinstance(item, ssl.SSLError):
+            return Failure(Phase.TLS, FailureKind.TLS, f"TLS handshake failed: {item.reason}")
+    if isinstance(exc, (asyncio.TimeoutError, aiosmtplib.SMTPTimeoutError)):
+        return Failure(phase, FailureKind.TIMEOUT, "timed out")
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return Failure(phase, FailureKind.PROTOCOL, "server disconnected")
+    if isinstance(exc, (aiosmtplib.SMTPConnectError, OSError)):
+        return Failure(phase, FailureKind.NETWORK, str(exc) or type(exc).__name__)
+    return Failure(phase, FailureKind.PROTOCOL, str(exc) or type(exc).__name__)
+
+
+def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
+    return Reply(response.code, response.message.replace("\n", " "))
+
+
+class UpstreamSession:
+    """Connect, secure, log in once; then any number of transactions (reused connection)."""
+
+    def __init__(
+        self,
+        account: AccountConfig,
+        *,
+        helo_name: str,
+        credentials: CredentialSource,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    ) -> None:
+        assert account.smtp is not None
+        self.account = account
+        self.server = account.smtp
+        self.helo_name = helo_name
+        self.credentials = credentials
+        self.timeouts = timeouts
+        self._smtp: aiosmtplib.SMTP | None = None
+        self.messages_sent = 0
+
+    @property
+    def relay(self) -> str:
+        return f"{self.server.host}:{self.server.port}"
+
+    @property
+    def is_open(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def open(self) -> None:
+        tls = self.server.tls
+        ca = str(self.server.ca_file) if self.server.ca_file else None
+        smtp = aiosmtplib.SMTP(
+            hostname=self.server.host,
+            port=self.server.port,
+            local_hostname=self.helo_name,
+            use_tls=tls is TlsMode.IMPLICIT,
+            # True, never None: STARTTLS is mandatory when configured (not opportunistic).
+            start_tls=tls is TlsMode.STARTTLS,
+            tls_context=tls_context_for(ca) if tls is not TlsMode.NONE else None,
+            timeout=self.timeouts.command,
+        )
+        phase = Phase.CONNECT
+        try:
+            await smtp.connect(timeout=self.timeouts.connect)
+            phase = Phase.EHLO
+            await smtp.ehlo()
+        except aiosmtplib.SMTPResponseException as exc:
+            smtp.close()
+            raise AttemptError(phase, Reply(exc.code, exc.message)) from None
+        except aiosmtplib.SMTPException as exc:
+            smtp.close()
+            if "STARTTLS extension not supported" in str(exc):
+                raise AttemptError(
+                    Phase.TLS,
+                    Failure(Phase.TLS, FailureKind.NO_STARTTLS, "server does not offer STARTTLS"),
+                ) from None
+            failure = _failure_from(exc, phase)
+            raise AttemptError(failure.phase, failure) from None
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            smtp.close()
+            failure = _failure_from(exc, phase)
+            raise AttemptError(failure.phase, failure) from None
+        logx = {"account": self.account.address}
+        tls_object = smtp.get_transport_info("ssl_object")
+        log.debug(
+            "connected to %s (%s), server offers AUTH %s",
+            self.relay,
+            tls_object.version() if tls_object is not None else "no TLS",
+            " ".join(smtp.server_auth_methods) or "-",
+            extra=logx,
+        )
+        try:
+            await self._authenticate(smtp)
+        except BaseException:
+            smtp.close()
+            raise
+        log.debug("logged in to %s as %s", self.relay, self.account.username, extra=logx)
+        self._smtp = smtp
+
+    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
+        secret = await self.credentials(self.account)
+        try:
+            await smtp.login(self.account.username, secret)
+        except aiosmtplib.SMTPResponseException as exc:
+            raise AttemptError(Phase.AUTH, Reply(exc.code, exc.message)) from None
+        except aiosmtplib.SMTPException as exc:
+            failure = _failure_from(exc, Phase.AUTH)
+            raise AttemptError(Phase.AUTH, failure) from None
+        except (TimeoutError, OSError) as exc:
+            raise AttemptError(Phase.AUTH, _failure_from(exc, Phase.AUTH)) from None
+
+    async def send(
+        self, sender: str, recipients: tuple[str, ...], content: bytes, *, smtputf8: bool = False
+    ) -> TransactionResult:
+        """One transaction. Per-recipient replies; raises AttemptError if the session broke."""
+        smtp = self._smtp
+        assert smtp is not None, "open() first"
+        replies: dict[str, tuple[Phase, Reply]] = {}
+        options = b""
+        if smtp.supports_extension("8bitmime"):
+            options += b" BODY=8BITMIME"
+        if smtputf8 and smtp.supports_extension("smtputf8"):
+            options += b" SMTPUTF8"
+        if smtp.supports_extension("size"):
+            options += b" SIZE=" + str(len(content)).encode()
+        encoding = "utf-8" if smtputf8 else "ascii"
+        try:
+            mail = await smtp.execute_command(
+                b"MAIL", b"FROM:<" + sender.encode(encoding) + b">" + options
+            )
+            if mail.code != 250:
+                await self._reset_quietly(smtp)
+                return TransactionResult({r: (Phase.MAIL, _reply(mail)) for r in recipients})
+            accepted: list[str] = []
+            for rcpt in recipients:
+                resp = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
+                if resp.code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    replies[rcpt] = (Phase.RCPT, _reply(resp))
+            if not accepted:
+                await self._reset_quietly(smtp)
+                return TransactionResult(replies)
+            try:
+                data = await smtp.data(content, timeout=self.timeouts.data)
+                final = _reply(data)
+            except aiosmtplib.SMTPDataError as exc:
+                final = Reply(exc.code, exc.message)
+                await self._reset_quietly(smtp)
+            for rcpt in accepted:
+                replies[rcpt] = (Phase.DATA, final)
+        except aiosmtplib.SMTPResponseException as exc:
+            # 421 and friends: the server is closing the session.
+            self.close()
+            raise AttemptError(Phase.MAIL, Reply(exc.code, exc.message)) from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            self.close()
+            failure = _failure_from(exc, Phase.DATA)
+            raise AttemptError(failure.phase, failure) from None
+        if any(reply.code == 421 for _, reply in replies.values()):
+            self.close()
+        self.messages_sent += 1
+        return TransactionResult(replies)
+
+    async def _reset_quietly(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.execute_command(b"RSET")
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            self.close()
+
+    async def probe(self) -> None:
+        """A paused account's probe: log in only (SPEC), then leave."""
+        await self.open()
+        await self.quit()
+
+    async def quit(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        log.debug(
+            "closing session to %s after %d messages",
+            self.relay,
+            self.messages_sent,
+            extra={"account": self.account.address},
+        )
+        try:
+            await asyncio.wait_for(smtp.quit(), timeout=5)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            smtp.close()
+
+    def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()

@@ -1,0 +1,142 @@
+"""Fixtures that put relayd between a test client and the real Postfix/Dovecot world."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from relayd_proc import Relayd, free_port, write_config, write_secret
+
+from relayd.inbound.passwords import hash_password
+
+_counter = itertools.count(1)
+
+
+@dataclass
+class Mailbox:
+    """A Dovecot user that relayd logs in as upstream (its app password)."""
+
+    name: str
+    address: str
+    password: str
+
+
+@dataclass
+class RelaydSetup:
+    """One relayd instance under test, its config and the mailboxes it uses."""
+
+    world: Any
+    dir: Path
+    port: int
+    config_path: Path
+    relayd: Relayd
+    client_password: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def rewrite_config(self) -> None:
+        write_config(self.config_path, self.config)
+
+
+@pytest.fixture
+def new_mailbox(mail_world: Any) -> Callable[[str], Mailbox]:
+    def make(prefix: str) -> Mailbox:
+        name = f"{prefix}{next(_counter)}{secrets.token_hex(2)}"
+        password = "pw-" + secrets.token_urlsafe(12)
+        address = mail_world.add_user(name, password)
+        return Mailbox(name, address, password)
+
+    return make
+
+
+def custom_tenant(
+    world: Any,
+    secrets_dir: Path,
+    mailbox: Mailbox,
+    *,
+    port: int,
+    tls: str,
+    password: str | None = None,
+) -> dict[str, Any]:
+    secret = write_secret(secrets_dir / mailbox.name, password or mailbox.password)
+    return {
+        "provider": "custom",
+        "smtp": {"host": "127.0.0.1", "port": port, "tls": tls, "ca_file": str(world.pki.ca_cert)},
+        "accounts": [{"address": mailbox.address, "password": {"file": str(secret)}}],
+    }
+
+
+@pytest.fixture
+def relayd_setup(mail_world: Any, tmp_path: Path) -> Iterator[Callable[..., RelaydSetup]]:
+    started: list[RelaydSetup] = []
+
+    def make(
+        tenants: dict[str, Any],
+        *,
+        may_send_as: list[str],
+        anonymous: list[str] | None = None,
+        retry: dict[str, str] | None = None,
+    ) -> RelaydSetup:
+        port = free_port()
+        client_password = "client-" + secrets.token_urlsafe(10)
+        config: dict[str, Any] = {
+            "state_directory": str(tmp_path / "state"),
+            "helo_name": "relayd.test",
+            "log_level": "debug",
+            "listen": [{"address": f"127.0.0.1:{port}", "auth": "optional", "tls": "none"}],
+            "clients": {
+                "anonymous": {"may_send_as": anonymous or []},
+                "app": {
+                    "password_hash": hash_password(client_password),
+                    "may_send_as": may_send_as,
+                },
+            },
+            "spool": {"retry": retry or {"first": "1s", "max": "2s", "give_up_after": "1h"}},
+            "tenants": tenants,
+        }
+        config_path = write_config(tmp_path / "relayd.yaml", config)
+        setup = RelaydSetup(
+            world=mail_world,
+            dir=tmp_path,
+            port=port,
+            config_path=config_path,
+            relayd=Relayd(config_path, port, tmp_path / "relayd.log"),
+            client_password=client_password,
+            config=config,
+        )
+        started.append(setup)
+        return setup
+
+    yield make
+    for setup in started:
+        setup.relayd.kill()
+
+
+@pytest.fixture
+def relay_for(
+    mail_world: Any, relayd_setup: Callable[..., RelaydSetup], tmp_path: Path
+) -> Callable[..., RelaydSetup]:
+    """relayd with one custom-provider account for ``mailbox``, which the client may send as."""
+
+    def make(
+        mailbox: Mailbox,
+        *,
+        port: int | None = None,
+        tls: str = "starttls",
+        password: str | None = None,
+    ) -> RelaydSetup:
+        tenant = custom_tenant(
+            mail_world,
+            tmp_path / "secrets",
+            mailbox,
+            port=mail_world.smtp_starttls_port if port is None else port,
+            tls=tls,
+            password=password,
+        )
+        return relayd_setup({"t": tenant}, may_send_as=[mailbox.address])
+
+    return make

@@ -1,0 +1,104 @@
+"""relayd as a real process for the integration tests: started, stopped, killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Every relayd log file written in this test session (the secret-grep test reads them all).
+ALL_LOGS: list[Path] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_secret(path: Path, value: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(value + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def write_config(path: Path, data: dict[str, object]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Relayd:
+    """``relayd -c CONFIG run`` in its own process group, logging to a file."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        ALL_LOGS.append(log_path)
+
+    def start(self, timeout: float = 15.0) -> Relayd:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relayd", "-c", str(self.config_path), "run"],
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relayd exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"relayd did not listen on {self.port}:\n{self.log()}")
+
+    def stop(self, timeout: float = 40.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"relayd did not stop on SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the crash of reliability.md."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, needle: str, timeout: float = 20.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if text.count(needle) >= count:
+                return text
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} x{count} not in relayd log:\n{self.log()[-4000:]}")

@@ -1,0 +1,70 @@
+"""Wrong app password: the account pauses, mail is held (not bounced), and resumes when fixed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from relayd_proc import write_secret
+from test_relay_delivery import message, send, spooled
+
+pytestmark = pytest.mark.integration
+
+
+def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
+    mail_world, new_mailbox, relay_for
+):
+    sender, rcpt = new_mailbox("paused"), new_mailbox("rcpt")
+    setup = relay_for(sender, password="definitely-wrong")
+    setup.relayd.start()
+    reply = send(
+        setup.port,
+        sender.address,
+        [rcpt.address],
+        message(sender.address, rcpt.address, "held mail"),
+        login=("app", setup.client_password),
+    )
+    queue_id = reply.rsplit(" ", 1)[1]
+    log = setup.relayd.wait_for_log("ALERT account paused", timeout=30)
+    # Two consecutive refusals: the first defers, the second pauses.
+    assert log.count("status=deferred") >= 1
+    assert "status=held" in log
+    state = setup.dir / "state"
+    assert spooled(state)["hold"] == [queue_id]
+    [account_file] = list((state / "accounts").glob("*.json"))
+    health = json.loads(account_file.read_text())
+    assert health["state"] == "paused" and "535" in health["reason"]
+    # Paused: no more attempts, one alert only, and no bounce to the sender.
+    time.sleep(3)
+    log = setup.relayd.log()
+    assert log.count("ALERT account paused") == 1
+    assert mail_world.messages(sender.name) == []
+    assert mail_world.messages(rcpt.name) == []
+    # New mail for the paused account is still accepted and held.
+    reply2 = send(
+        setup.port,
+        sender.address,
+        [rcpt.address],
+        message(sender.address, rcpt.address, "held mail 2"),
+        login=("app", setup.client_password),
+    )
+    queue_id2 = reply2.rsplit(" ", 1)[1]
+    deadline = time.monotonic() + 10
+    while queue_id2 not in spooled(state)["hold"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(spooled(state)["hold"]) == sorted([queue_id, queue_id2])
+    assert setup.relayd.stop() == 0
+    # Pause survives the restart: same wrong password, still paused, still held.
+    setup.relayd.start()
+    time.sleep(2)
+    assert sorted(spooled(state)["hold"]) == sorted([queue_id, queue_id2])
+    assert setup.relayd.stop() == 0
+    # The operator fixes the password; after a restart the held mail goes out.
+    write_secret(setup.dir / "secrets" / sender.name, sender.password)
+    setup.relayd.start()
+    got = mail_world.wait_for_messages(rcpt.name, 2, timeout=30)
+    assert len(got) == 2
+    assert spooled(state) == {"incoming": [], "active": [], "deferred": [], "hold": []}
+    assert json.loads(account_file.read_text())["state"] == "ok"
+    assert mail_world.messages(sender.name) == []  # never bounced
