@@ -37,6 +37,23 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 30.0
 
 
+def not_yet_served(config: Config) -> list[str]:
+    """Configured features this version does not act on yet: said at start, never silent."""
+    notes: list[str] = []
+    if config.metrics is not None:
+        notes.append("metrics: the /metrics endpoint is not served by this version")
+    if config.alerts is not None and (config.alerts.email or config.alerts.webhook):
+        notes.append("alerts: email/webhook delivery is not available yet; alerts are logged")
+    for tenant in config.tenants:
+        accounts = [*tenant.accounts, *([tenant.domain_account] if tenant.domain_account else [])]
+        if any(a.oauth is not None and a.password is None for a in accounts):
+            notes.append(
+                f"tenants.{tenant.name}: OAuth2 login is not available yet; mail for its "
+                "OAuth accounts is accepted and waits in the spool (deferred)"
+            )
+    return notes
+
+
 def local_hostnames(config: Config) -> frozenset[str]:
     """Names under which local senders like ``root@<this host>`` are rewritten (SPEC rule 2)."""
     names = {"localhost", "localhost.localdomain", socket.gethostname(), socket.getfqdn()}
@@ -82,6 +99,8 @@ class Daemon:
             report.removed_temp,
             report.quarantined,
         )
+        for note in not_yet_served(self.config):
+            log.warning("%s", note)
         self.scheduler.start()
         self._listeners = await start_listeners(self.config, self.handler)
         for sig in (signal.SIGTERM, signal.SIGINT):

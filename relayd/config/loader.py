@@ -188,7 +188,16 @@ def _spool(rd: NodeReader, item: Item) -> SpoolConfig:
         rd.error(retry.path, retry.line, "retry.first is longer than retry.max")
     encrypt = rd.boolean(f["encrypt_at_rest"]) or False
     key = read_secret(rd, f["key"])
-    if encrypt and not f["key"].present:
+    if encrypt:
+        # Refused rather than ignored: a sysadmin who asks for encryption must not get
+        # plaintext files believing otherwise.
+        rd.error(
+            f["encrypt_at_rest"].path,
+            f["encrypt_at_rest"].line,
+            "spool encryption at rest is not available in this version of relayd; set it to "
+            "false (spool files are 0600 in 0700 directories owned by the relayd user)",
+        )
+    elif encrypt and not f["key"].present:
         rd.error(
             f["encrypt_at_rest"].path,
             f["encrypt_at_rest"].line,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from relayd.spool.store import Spool
 
 pytestmark = pytest.mark.integration
 
@@ -181,4 +185,82 @@ def test_upstream_down_then_up_and_sigkill_loses_nothing(mail_world, new_mailbox
     subjects = sorted(header(m, b"Subject") for m in got)
     assert subjects == [f"Subject: spooled {i}".encode() for i in range(5)]
     assert all(body_of(m) == BODY_AS_STORED for m in got)
+    assert setup.relayd.stop() == 0
+
+
+def test_connections_are_reused_and_capped_per_account(mail_world, new_mailbox, relay_for):
+    """20 queued messages for one account: at most max_connections (3) logins, not 20."""
+    sender, rcpt = new_mailbox("reuse"), new_mailbox("rcpt")
+    setup = relay_for(sender)
+    mail_world.stop_postfix()
+    try:
+        setup.relayd.start()
+        for i in range(20):
+            send(
+                setup.port,
+                sender.address,
+                [rcpt.address],
+                message(sender.address, rcpt.address, f"batch {i}"),
+                login=("app", setup.client_password),
+            )
+        setup.relayd.wait_for_log("status=deferred")
+        before = len(mail_world.postfix_log())
+        mail_world.start_postfix()
+        got = mail_world.wait_for_messages(rcpt.name, 20, timeout=60)
+    finally:
+        if not mail_world.postfix_running:
+            mail_world.start_postfix()
+    assert len(got) == 20
+    log = mail_world.postfix_log()[before:]
+    port = mail_world.smtp_starttls_port
+    submission_connects = [
+        ln for ln in log.splitlines() if "connect from" in ln and "disconnect" not in ln
+    ]
+    # Each session authenticates once and carries many messages; Postfix logs one
+    # "connect from" per connection (its own LMTP deliveries do not log that line).
+    assert 1 <= len(submission_connects) <= 3, (port, submission_connects)
+    assert setup.relayd.stop() == 0
+
+
+def test_sigkill_right_after_the_final_dot_leaves_whole_or_nothing(
+    mail_world, new_mailbox, relay_for
+):
+    """reliability.md case 1: a crash between "." and the 250 never leaves a partial message."""
+    sender, rcpt = new_mailbox("crash"), new_mailbox("rcpt")
+    setup = relay_for(sender)
+    big_body = b"".join(b"line %06d " % i + b"y" * 90 + b"\r\n" for i in range(20000))  # ~2 MB
+    data = message(sender.address, rcpt.address, "crash").split(b"\r\n\r\n", 1)[0]
+    data += b"\r\n\r\n" + big_body
+    mail_world.stop_postfix()  # keep whatever was accepted in the spool, for inspection
+    try:
+        for _ in range(3):
+            setup.relayd.start()
+            auth = base64.b64encode(b"\0app\0" + setup.client_password.encode())
+            with socket.create_connection(("127.0.0.1", setup.port), timeout=30) as sock:
+                sock.recv(1024)
+                sock.sendall(
+                    b"EHLO app.test\r\nAUTH PLAIN "
+                    + auth
+                    + b"\r\n"
+                    + f"MAIL FROM:<{sender.address}>\r\nRCPT TO:<{rcpt.address}>\r\n".encode()
+                    + b"DATA\r\n"
+                )
+                time.sleep(0.3)
+                sock.sendall(data + b"\r\n.\r\n")
+                setup.relayd.kill()
+            state = setup.dir / "state" / "spool"
+            assert sorted(p.name for p in (state / "active").iterdir()) == []
+            # Whatever is spooled is whole: it loads (trailer and length check) with the body.
+            spool = Spool(setup.dir / "state", fsync=False)
+            for queue in ("incoming", "deferred"):
+                for qid in spool.list(queue):
+                    content = spool.load(qid, queue).read_content()
+                    assert content.endswith(big_body)
+        accepted = len(spool.list("incoming")) + len(spool.list("deferred"))
+        setup.relayd.start()
+        assert list((setup.dir / "state" / "spool" / "tmp").iterdir()) == []
+    finally:
+        mail_world.start_postfix()
+    got = mail_world.wait_for_messages(rcpt.name, accepted, timeout=60) if accepted else []
+    assert all(body_of(m) == big_body.replace(b"\r\n", b"\n") for m in got)
     assert setup.relayd.stop() == 0

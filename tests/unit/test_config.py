@@ -758,15 +758,11 @@ def test_bad_secret_forms(tmp_path: Path, secret: str, message: str) -> None:
     assert info.value.problems == [f"tenants.t.accounts[0].password: line 6: {message}"]
 
 
-def test_spool_key_required_for_encryption(tmp_path: Path) -> None:
-    assert problems(tmp_path, "spool:\n  encrypt_at_rest: true\n") == [
-        "spool.encrypt_at_rest: line 2: encrypt_at_rest: true needs spool.key "
-        "(a secret value, e.g. {credential: relayd-spool-key})"
-    ]
-    config = load(
-        tmp_path, "spool:\n  encrypt_at_rest: true\n  key: {env: PW}\ntokens: {key: {env: PW}}\n"
-    )
-    assert config.spool.key is not None and config.spool.key.reveal() == SECRET
+def test_spool_encryption_is_refused_not_ignored(tmp_path: Path) -> None:
+    [problem] = problems(tmp_path, "spool:\n  encrypt_at_rest: true\n  key: {env: PW}\n")
+    assert problem.startswith("spool.encrypt_at_rest: line 2: spool encryption at rest is not")
+    config = load(tmp_path, "spool:\n  encrypt_at_rest: false\ntokens: {key: {env: PW}}\n")
+    assert config.spool.encrypt_at_rest is False
     assert config.tokens_key is not None and config.tokens_key.source == "env:PW"
 
 
