@@ -15,6 +15,17 @@ from dataclasses import dataclass
 
 from relayd.config import ConfigError, find_config_path, load_config
 from relayd.inbound.passwords import hash_password
+from relayd.oauth.consent import add_auth_arguments, cmd_auth
+from relayd.ops.checkup import add_test_arguments, cmd_test
+from relayd.ops.commands import (
+    add_queue_arguments,
+    add_sendmail_arguments,
+    add_status_arguments,
+    cmd_queue,
+    cmd_reload,
+    cmd_sendmail,
+    cmd_status,
+)
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -105,6 +116,21 @@ COMMANDS: dict[str, Command] = {
     "check-config": Command(cmd_check_config, "validate the configuration"),
     "hash-password": Command(
         cmd_hash_password, "read a password (prompt, or one line of stdin) and print its hash"
+    ),
+    "auth": Command(cmd_auth, "obtain and store OAuth tokens for an account", add_auth_arguments),
+    "reload": Command(cmd_reload, "ask the running daemon to reload its configuration"),
+    "status": Command(
+        cmd_status, "accounts, queued mail, the daemon (works while it is stopped)",
+        add_status_arguments,
+    ),
+    "queue": Command(
+        cmd_queue, "list, show, flush, hold, release or delete queued mail", add_queue_arguments
+    ),
+    "test": Command(
+        cmd_test, "test & connect: DNS, TCP, TLS, EHLO, login, IMAP", add_test_arguments
+    ),
+    "sendmail": Command(
+        cmd_sendmail, "sendmail-compatible submission from stdin", add_sendmail_arguments
     ),
 }
 

@@ -18,16 +18,21 @@ from pathlib import Path
 
 from relayd import __version__
 from relayd.config import ConfigError, load_config
-from relayd.config.model import Config
+from relayd.config.model import AccountConfig, Config
 from relayd.inbound.handler import InboundHandler
 from relayd.inbound.listeners import Listeners, start_listeners, stop_listeners
 from relayd.log import redactor
+from relayd.oauth.registry import TokenSources
+from relayd.oauth.store import TokenStore
+from relayd.ops.service import Operations
 from relayd.sdnotify import notify, watchdog_interval
 from relayd.secrets_index import all_secret_values
 from relayd.spool.accounts import AccountStore
 from relayd.spool.scheduler import Scheduler
 from relayd.spool.store import Spool
-from relayd.upstream.credentials import credentials_for
+from relayd.sync.connections import ImapConnections
+from relayd.sync.filing import FilingStage
+from relayd.upstream.credentials import AccountCredentials
 from relayd.upstream.delivery import Deliverer
 
 __all__ = ["Daemon", "local_hostnames"]
@@ -35,22 +40,15 @@ __all__ = ["Daemon", "local_hostnames"]
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30.0
+# How often the token store is checked for a new consent written by `relayd auth`. Polling a
+# directory listing is cheap, needs no pid file or signal rights (`relayd auth` may run as
+# another user than the daemon), and works the same once a control socket exists.
+TOKEN_STORE_POLL_SECONDS = 2.0
 
 
 def not_yet_served(config: Config) -> list[str]:
     """Configured features this version does not act on yet: said at start, never silent."""
     notes: list[str] = []
-    if config.metrics is not None:
-        notes.append("metrics: the /metrics endpoint is not served by this version")
-    if config.alerts is not None and (config.alerts.email or config.alerts.webhook):
-        notes.append("alerts: email/webhook delivery is not available yet; alerts are logged")
-    for tenant in config.tenants:
-        accounts = [*tenant.accounts, *([tenant.domain_account] if tenant.domain_account else [])]
-        if any(a.oauth is not None and a.password is None for a in accounts):
-            notes.append(
-                f"tenants.{tenant.name}: OAuth2 login is not available yet; mail for its "
-                "OAuth accounts is accepted and waits in the spool (deferred)"
-            )
     return notes
 
 
@@ -69,12 +67,24 @@ class Daemon:
         self.started_at = time.time()
         self.spool = Spool(config.state_directory, fsync=fsync)
         self.accounts = AccountStore(config.state_directory, fsync=fsync)
+        self.token_store = TokenStore(config.state_directory, key=config.tokens_key, fsync=fsync)
+        self.tokens = TokenSources(self.token_store)
         self.deliverer = Deliverer(
-            helo_name=config.helo_name, credentials=credentials_for, fsync=fsync
+            helo_name=config.helo_name, credentials=AccountCredentials(self.tokens), fsync=fsync
         )
+        # Sent copies and DSNs over IMAP; OAuth accounts log in with the SMTP token source.
+        imap = ImapConnections(token_source=self._imap_token)
+        self.filing = FilingStage(config=config, spool=self.spool, connections=imap, fsync=fsync)
         self.scheduler = Scheduler(
-            config=config, spool=self.spool, accounts=self.accounts, deliverer=self.deliverer
+            config=config,
+            spool=self.spool,
+            accounts=self.accounts,
+            deliverer=self.deliverer,
+            consent_of=self.tokens.consent_id,
+            filing=self.filing,
         )
+        self.filing.on_fallback = self.scheduler.submit
+        self.filing.on_dropped = self._sent_copy_dropped
         self.handler = InboundHandler(
             config=config,
             spool=self.spool,
@@ -83,6 +93,8 @@ class Daemon:
         )
         self._listeners: Listeners | None = None
         self._stop = asyncio.Event()
+        # Control socket, submit.sock + maildrop, alerts, metrics, STATUS= (issue 5).
+        self.ops = Operations(self)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -101,8 +113,12 @@ class Daemon:
         )
         for note in not_yet_served(self.config):
             log.warning("%s", note)
+        await asyncio.to_thread(self.token_store.remove_stale_temp_files)
         self.scheduler.start()
+        self.filing.start()
+        token_watch = loop.create_task(self._watch_token_store())
         self._listeners = await start_listeners(self.config, self.handler)
+        await self.ops.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
@@ -120,7 +136,10 @@ class Daemon:
         log.info("stopping: closing listeners, draining deliveries")
         if self._listeners is not None:
             await stop_listeners(self._listeners, timeout=DRAIN_SECONDS)
+        await self.ops.stop()
         await self.scheduler.stop(timeout=DRAIN_SECONDS)
+        await self.filing.stop(timeout=DRAIN_SECONDS)
+        token_watch.cancel()
         if watchdog is not None:
             watchdog.cancel()
         log.info("stopped")
@@ -139,6 +158,19 @@ class Daemon:
                 await asyncio.sleep(interval)
 
         return asyncio.get_running_loop().create_task(beat())
+
+    async def _watch_token_store(self) -> None:
+        """A new consent (`relayd auth`) resumes a paused account and releases its held
+        mail without a restart: its consent id enters the credentials fingerprint."""
+        seen = await asyncio.to_thread(self.token_store.snapshot)
+        while True:
+            await asyncio.sleep(TOKEN_STORE_POLL_SECONDS)
+            now = await asyncio.to_thread(self.token_store.snapshot)
+            if now == seen:
+                continue
+            seen = now
+            self.tokens.forget()
+            self.scheduler.set_config(self.config)
 
     async def reload(self) -> None:
         """SIGHUP: a broken config is refused and the old one keeps serving (SPEC)."""
@@ -159,10 +191,24 @@ class Daemon:
             for note in notes:
                 log.warning("%s", note)
         redactor.set_secrets(all_secret_values(config))
+        if config.tokens_key != self.config.tokens_key:
+            self.token_store = TokenStore(
+                config.state_directory, key=config.tokens_key, fsync=self.fsync
+            )
+            self.tokens.store = self.token_store
+            self.tokens.forget()
         self.config = config
         self.handler.config = config
         self.scheduler.set_config(config)
+        self.filing.set_config(config)
+        self.ops.reloaded(config)
         log.info("configuration reloaded from %s", config.source)
+
+    async def _imap_token(self, account: AccountConfig) -> str:
+        return (await self.tokens.access_token(account)).value
+
+    def _sent_copy_dropped(self, account: str, queue_id: str, reason: str) -> None:
+        self.scheduler.events.sent_copy_dropped(account, queue_id, reason)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -16,7 +16,20 @@ from collections.abc import Iterable
 __all__ = ["SecretRedactor", "configure_logging", "redactor"]
 
 # Loggers of libraries that put protocol lines, AUTH payloads included, into DEBUG/INFO.
-_QUIET_LIBRARIES = ("mail.log", "aiosmtplib", "aioimaplib", "msal", "urllib3", "asyncio")
+_QUIET_LIBRARIES = (
+    "mail.log",
+    "aiosmtplib",
+    "aioimaplib",
+    "msal",
+    "urllib3",
+    "asyncio",
+    "google",
+    "google_auth_oauthlib",
+    "requests_oauthlib",
+    "oauthlib",
+)
+
+_MAX_LEARNT = 256
 
 _FORMAT = "%(asctime)s %(levelname)s %(queue_id)s %(account)s %(name)s: %(message)s"
 
@@ -25,10 +38,26 @@ class SecretRedactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._needles: list[str] = []
+        self._configured: set[str] = set()
+        # Secrets learnt at run time (OAuth tokens): kept across config reloads; the oldest
+        # are dropped past a bound (an expired token is no longer worth a lookup per line).
+        self._learnt: dict[str, None] = {}
 
     def set_secrets(self, secrets: Iterable[str]) -> None:
+        self._configured = set(secrets)
+        self._rebuild()
+
+    def add_secret(self, secret: str) -> None:
+        if secret in self._learnt:
+            return
+        self._learnt[secret] = None
+        while len(self._learnt) > _MAX_LEARNT:
+            del self._learnt[next(iter(self._learnt))]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
         needles: set[str] = set()
-        for secret in secrets:
+        for secret in (*self._configured, *self._learnt):
             if len(secret) < 4:
                 continue  # too short to redact without mangling ordinary text
             needles.add(secret)
@@ -36,9 +65,6 @@ class SecretRedactor(logging.Filter):
             needles.add(base64.b64encode(raw).decode())
         # Longest first, so a secret that contains another is replaced whole.
         self._needles = sorted(needles, key=len, reverse=True)
-
-    def add_secret(self, secret: str) -> None:
-        self.set_secrets([*self._needles, secret])
 
     def filter(self, record: logging.LogRecord) -> bool:
         for attr in ("queue_id", "account"):

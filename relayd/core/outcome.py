@@ -93,6 +93,11 @@ _CREDENTIAL_REFUSALS = {534, 535}
 def is_credential_refusal(phase: Phase, reply: Reply) -> bool:
     if phase is Phase.AUTH and reply.code in _CREDENTIAL_REFUSALS:
         return True
+    if phase is Phase.TOKEN and reply.code // 100 == 5:
+        # The token endpoint refused the grant (RFC 6749 §5.2 invalid_grant: consent expired
+        # or revoked; invalid_client): SPEC lists invalid_grant among the credential refusals.
+        # An unreachable endpoint or a 5xx there is a Failure, never a Reply.
+        return True
     if phase is Phase.AUTH and reply.code // 100 == 5:
         # 504 (mechanism) or 538 (encryption required) at AUTH: a configuration problem that
         # no retry fixes and that must not bounce mail either.

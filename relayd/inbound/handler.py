@@ -235,14 +235,13 @@ class MessageSink:
         queue_id = await reception.commit()
         env = self.envelope
         log.info(
-            "%s: client=%s peer=%s from=<%s> account=%s nrcpt=%d size=%d",
-            queue_id,
+            "accepted: client=%s peer=%s from=<%s> nrcpt=%d size=%d",
             env.client,
             env.peer,
             env.sender,
-            env.account,
             len(env.recipients),
             size,
+            extra={"queue_id": queue_id, "account": env.account},
         )
         try:
             self.on_queued(queue_id)

@@ -24,13 +24,17 @@ from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.envelope import Envelope
-from relayd.core.health import AccountHealth
+from relayd.core.health import AccountHealth, AccountState
 from relayd.core.retry import next_delay
 from relayd.core.routing import find_account
+from relayd.core.sentcopy import awaits_filing
 from relayd.core.states import Plan, Target, plan_after_attempt
 from relayd.errors import SpoolError
+from relayd.ops.events import DeliveryEvents, is_operator_hold, set_operator_hold
 from relayd.spool.accounts import AccountStore
 from relayd.spool.store import Spool, StoredMessage, new_queue_id
+from relayd.sync.backlog import FILING_QUEUE
+from relayd.sync.filing import FilingStage
 from relayd.upstream.delivery import AccountSignal, AttemptReport, Deliverer
 from relayd.upstream.dsn import BouncedRecipient, build_dsn
 from relayd.upstream.transport import UpstreamSession
@@ -42,14 +46,28 @@ log = logging.getLogger(__name__)
 IDLE_SESSION_SECONDS = 30.0
 
 
-def credentials_fingerprint(account: AccountConfig) -> str:
-    """Changes when the configured credentials change; reveals nothing usable about them."""
+def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
+    """Changes when the configured credentials change; reveals nothing usable about them.
+
+    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
+    changes it (and resumes a paused account), a routine token rotation does not.
+    """
     h = hashlib.sha256(b"relayd-credentials\0")
     h.update(account.username.encode())
     if account.password is not None:
         h.update(b"\0password\0" + account.password.reveal().encode())
     if account.oauth is not None:
         h.update(b"\0oauth\0" + repr(account.oauth).encode())
+        # repr() hides secret values: a new client secret or refresh token must count too.
+        for secret in (
+            account.oauth.client_secret,
+            account.oauth.certificate,
+            account.oauth.service_account_key,
+            account.oauth.refresh_token,
+        ):
+            if secret is not None:
+                h.update(b"\0" + secret.reveal().encode())
+        h.update(b"\0consent\0" + consent.encode())
     return h.hexdigest()[:24]
 
 
@@ -74,8 +92,12 @@ class Scheduler:
         deliverer: Deliverer,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        consent_of: Callable[[AccountConfig], str] | None = None,
+        filing: FilingStage | None = None,
     ) -> None:
         self.config = config
+        self.consent_of = consent_of  # OAuth consent id from the token store
+        self.filing = filing  # Sent copies and DSNs over IMAP (relayd.sync)
         self.spool = spool
         self.accounts = accounts
         self.deliverer = deliverer
@@ -91,6 +113,8 @@ class Scheduler:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer_task: asyncio.Task[None] | None = None
+        # Metrics and alerts listen here (relayd.ops.service sets the real one).
+        self.events = DeliveryEvents()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -151,7 +175,8 @@ class Scheduler:
         """A paused account whose credentials changed gets a fresh chance (SPEC)."""
         for account in self.config.accounts():
             before = self.health(account.address)
-            after = before.on_credentials_changed(credentials_fingerprint(account))
+            consent = self.consent_of(account) if self.consent_of is not None else ""
+            after = before.on_credentials_changed(credentials_fingerprint(account, consent))
             if before.paused and not after.paused:
                 log.info("credentials changed; resuming", extra={"account": account.address})
             self._set_health(after)
@@ -167,6 +192,8 @@ class Scheduler:
             account = self._account_of.get(qid)
             if account is None or self.health(account).paused:
                 continue
+            if is_operator_hold(self.spool, qid):
+                continue  # held with `relayd queue hold`: only `release` lets it go
             try:
                 self.spool.move(qid, "hold", "incoming")
             except FileNotFoundError:
@@ -334,6 +361,14 @@ class Scheduler:
             self._defer(qid, now + self.config.spool.retry.max)
             return session
         state = self.spool.read_state(qid)
+        if awaits_filing(state):
+            # Delivered already; only its IMAP filing is left (an operator hold and release
+            # can bring it back here). It never goes upstream again.
+            self._park(qid, FILING_QUEUE)
+            self._forget(qid)
+            if self.filing is not None:
+                self.filing.resume(qid)
+            return session
         pending = state.pending(envelope)
         content = await asyncio.to_thread(msg.read_content)
         report, session = await self.deliverer.attempt(
@@ -375,15 +410,19 @@ class Scheduler:
                     extra=logx,
                 )
                 health = health.but_alerted(now)
+                self.events.account_paused(account, report.detail)
         elif report.signal is AccountSignal.CONNECTION_FAILED:
             streak = health.connection_failures + 1
             health = health.on_connection_failure(
                 now, report.detail, next_delay(retry, streak, self.rand())
             )
+            self.events.connection_failed(account, report.detail)
         elif report.signal is AccountSignal.SEND_AS_DENIED:
             log.error("ALERT send-as refused by the provider: %s", report.detail, extra=logx)
             health = health.on_message_failure(now, report.detail)
+            self.events.send_as_denied(account, report.detail)
         elif report.signal is AccountSignal.LOGIN_OK or report.results:
+            self.events.attempt_succeeded(account)
             if all(r.verdict.value == "delivered" for r in report.results):
                 health = health.on_success(now)
             else:
@@ -440,6 +479,11 @@ class Scheduler:
                 r.reply,
                 extra=logx,
             )
+            self.events.recipient_outcome(
+                msg.envelope.account, status, now - msg.envelope.received_at
+            )
+        if plan.expired:
+            self.events.mail_expired(msg.envelope, tuple(b.recipient for b in plan.bounce))
 
     async def _carry_out(
         self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
@@ -448,7 +492,10 @@ class Scheduler:
         if plan.bounce:
             await self._send_dsn(msg, account, plan, logx)
         if plan.target is Target.DONE:
-            self.spool.remove(qid, "active")
+            # The Sent copy is a step of its own: the message moves to copy/ and is the
+            # filing stage's from here, so IMAP trouble never sends it again.
+            if self.filing is None or not self.filing.take_delivered(msg, account, plan.state):
+                self.spool.remove(qid, "active")
             self._forget(qid)
             return
         self.spool.write_state(qid, plan.state)
@@ -486,7 +533,8 @@ class Scheduler:
             original_content=content,
             reason=reason,
         )
-        # The DSN goes into the sender's own mailbox through the same account (SPEC "DSNs").
+        # The DSN goes into the sender's own mailbox (SPEC "DSNs"): filed in its INBOX over
+        # IMAP when the account has IMAP, else sent through the same account to itself.
         dsn_envelope = Envelope(
             queue_id=new_queue_id(),
             received_at=self.clock(),
@@ -498,6 +546,14 @@ class Scheduler:
             tenant=envelope.tenant,
             is_dsn=True,
         )
+        filing = self.filing
+        if filing is not None and await filing.take_dsn(dsn_envelope, dsn_bytes, account):
+            log.info(
+                "sender non-delivery notification: %s, for the INBOX over IMAP",
+                dsn_envelope.queue_id,
+                extra=logx,
+            )
+            return
         reception = self.spool.receive(dsn_envelope)
         try:
             reception.write(dsn_bytes)
@@ -542,3 +598,68 @@ class Scheduler:
             self.release_account(account.address)
         finally:
             lane.probing = False
+
+    # -- the operator's queue commands (relayd queue, over the control socket) -----------
+
+    def where(self, queue_id: str) -> str | None:
+        return self._where.get(queue_id) or self.spool.locate(queue_id)
+
+    def flush_messages(self, queue_ids: set[str]) -> int:
+        """Retry these deferred messages now (``relayd queue flush ID``)."""
+        found = 0
+        timers = []
+        for due, qid in self._timers:
+            if qid in queue_ids:
+                due, found = 0.0, found + 1
+            timers.append((due, qid))
+        self._timers = timers
+        heapq.heapify(self._timers)
+        self._wake.set()
+        return found
+
+    def retry_unhealthy_now(self, account: str | None = None) -> None:
+        """An operator's flush also ends the wait of upstreams marked unhealthy (not pauses:
+        those need fixed credentials, not another try)."""
+        for health in list(self._health.values()):
+            if health.state is AccountState.UNHEALTHY and account in (None, health.address):
+                self._set_health(health.with_retry_at(0.0))
+
+    def hold_message(self, queue_id: str) -> bool:
+        """Keep a message from being attempted until released; False if being delivered."""
+        queue = self.where(queue_id)
+        if queue is None or queue == "hold":
+            return queue == "hold"
+        if queue == "active":
+            return False
+        lane = self._lanes.get(self._account_of.get(queue_id, ""))
+        if lane is not None and queue_id in lane.ready:
+            lane.ready.remove(queue_id)
+        set_operator_hold(self.spool, queue_id, True)
+        self._park(queue_id, "hold", source=queue)
+        self._note_account(queue_id, "hold")
+        return True
+
+    def release_message(self, queue_id: str) -> bool:
+        """Put a held message back in line; it stays held while its account is paused."""
+        if self.where(queue_id) != "hold":
+            return False
+        set_operator_hold(self.spool, queue_id, False)
+        try:
+            self.spool.move(queue_id, "hold", "incoming")
+        except FileNotFoundError:
+            self._forget(queue_id)
+            return False
+        self.submit(queue_id)
+        return True
+
+    def delete_message(self, queue_id: str) -> bool:
+        """Remove a message for good (``postsuper -d``); False if being delivered."""
+        queue = self.where(queue_id)
+        if queue is None or queue == "active":
+            return False
+        lane = self._lanes.get(self._account_of.get(queue_id, ""))
+        if lane is not None and queue_id in lane.ready:
+            lane.ready.remove(queue_id)
+        self.spool.remove(queue_id, queue)
+        self._forget(queue_id)
+        return True

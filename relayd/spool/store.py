@@ -7,6 +7,8 @@ Layout under ``<state_directory>/spool`` (directories 0700, files 0600)::
     active/     being delivered; put back into incoming/ at start
     deferred/   waiting for their next attempt
     hold/       kept and not attempted: paused account, or held by the operator
+    copy/       delivered (or relayd's own DSNs), waiting only to be filed over IMAP: never
+                sent upstream again (relayd.sync)
     corrupt/    quarantined at start: truncated or unreadable, never sent
     state/      <id>.json, the delivery state after an attempt (absent = never tried)
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.sentcopy import awaits_filing
 from relayd.errors import SpoolError
 
 __all__ = [
@@ -49,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUEUES = ("incoming", "active", "deferred", "hold", "corrupt")
+QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "copy")
 _MAGIC = b"RELAYD1 "
 _TRAILER_PREFIX = b"\r\nRELAYD-END "
 _TRAILER_LEN = len(_TRAILER_PREFIX) + 16 + 2  # 16 hex digits of content length + CRLF
@@ -269,10 +272,14 @@ class Spool:
                 path.unlink()
                 report.removed_temp += 1
         for path in (self.root / "active").iterdir():
+            if awaits_filing(self.read_state(path.name)):
+                # Delivered; the crash came before it reached copy/. Only its filing is left.
+                os.rename(path, self.root / "copy" / path.name)
+                continue
             # Interrupted mid-delivery: at-least-once, so it goes out again.
             os.rename(path, self.root / "incoming" / path.name)
             report.requeued_active += 1
-        for queue in ("incoming", "deferred", "hold"):
+        for queue in ("incoming", "deferred", "hold", "copy"):
             for path in (self.root / queue).iterdir():
                 try:
                     self._read_header(path, queue)
@@ -287,7 +294,7 @@ class Spool:
             if path.name.endswith(".tmp") or path.stem not in live:
                 path.unlink()
         if self.fsync:
-            for name in ("incoming", "corrupt", "state"):
+            for name in ("incoming", "copy", "corrupt", "state"):
                 _fsync_dir(self.root / name)
         return report
 

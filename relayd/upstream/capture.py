@@ -55,5 +55,9 @@ class CaptureMaildir:
         data = envelope.encode("utf-8", "replace") + b"\r\n" + content
         return self._write(self.path, "new", _unique_name(), data)
 
-    def file_sent_copy(self, content: bytes) -> Path:
-        return self._write(self.path / ".Sent", "cur", _unique_name(), content)
+    def file_sent_copy(self, content: bytes, name: str | None = None) -> Path:
+        """``name`` (unique per message) lets ``has_sent_copy`` tell a copy already filed."""
+        return self._write(self.path / ".Sent", "cur", name or _unique_name(), content)
+
+    def has_sent_copy(self, name: str) -> bool:
+        return (self.path / ".Sent" / "cur" / (name + ":2,S")).exists()

@@ -145,8 +145,7 @@ class Deliverer:
         assert account.capture_path is not None
         maildir = CaptureMaildir(account.capture_path, fsync=self.fsync)
         path = await asyncio.to_thread(maildir.deliver, sender, pending, content)
-        # The capture Maildir stands in for the provider's mailbox: its Sent copy goes to .Sent.
-        await asyncio.to_thread(maildir.file_sent_copy, content)
+        # Its Sent copy (the Maildir's .Sent) is filed by the filing stage, relayd.sync.filing.
         ok = Reply(250, f"2.0.0 captured as {path.name}")
         return AttemptReport(
             results=[RecipientResult(r, Verdict.DELIVERED, "2.0.0", str(ok)) for r in pending],

@@ -12,20 +12,55 @@ and either the server's reply or a ``Failure``; ``relayd.core.outcome`` decides 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiosmtplib
 
 from relayd.config.model import AccountConfig, TlsMode
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+from relayd.oauth.tokens import AccessToken
+from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
 
-__all__ = ["AttemptError", "Timeouts", "TransactionResult", "UpstreamSession", "tls_context_for"]
+__all__ = [
+    "AttemptError",
+    "Credential",
+    "CredentialSource",
+    "Mechanism",
+    "Timeouts",
+    "TransactionResult",
+    "UpstreamSession",
+    "tls_context_for",
+]
 
-# Supplies the password, or raises AttemptError(Phase.TOKEN, ...) for OAuth accounts.
-CredentialSource = Callable[[AccountConfig], Awaitable[str]]
+
+class Mechanism(enum.Enum):
+    PASSWORD = "password"  # AUTH PLAIN/LOGIN with an (app) password
+    XOAUTH2 = "xoauth2"  # AUTH XOAUTH2 with an OAuth2 access token
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What one login needs; ``repr`` never shows the secret."""
+
+    username: str
+    secret: str = field(repr=False)
+    mechanism: Mechanism
+    token: AccessToken | None = field(default=None, repr=False)
+
+
+class CredentialSource(Protocol):
+    async def obtain(self, account: AccountConfig) -> Credential:
+        """The credential to log in with now; raises AttemptError(Phase.TOKEN, ...) when
+        none can be had (token endpoint down: Failure; grant refused: Reply)."""
+        ...
+
+    def rejected(self, account: AccountConfig, credential: Credential) -> None:
+        """The server refused ``credential``: do not offer it again."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -170,16 +205,40 @@ class UpstreamSession:
         self._smtp = smtp
 
     async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
-        secret = await self.credentials(self.account)
+        credential = await self.credentials.obtain(self.account)
         try:
-            await smtp.login(self.account.username, secret)
+            if credential.mechanism is Mechanism.XOAUTH2:
+                await self._xoauth2(smtp, credential)
+            else:
+                await smtp.login(credential.username, credential.secret)
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code // 100 == 5:  # refused, not "try later" (454)
+                self.credentials.rejected(self.account, credential)
             raise AttemptError(Phase.AUTH, Reply(exc.code, exc.message)) from None
         except aiosmtplib.SMTPException as exc:
             failure = _failure_from(exc, Phase.AUTH)
             raise AttemptError(Phase.AUTH, failure) from None
         except (TimeoutError, OSError) as exc:
             raise AttemptError(Phase.AUTH, _failure_from(exc, Phase.AUTH)) from None
+
+    async def _xoauth2(self, smtp: aiosmtplib.SMTP, credential: Credential) -> None:
+        """``AUTH XOAUTH2``, ``334``, the response on its own line, ``235`` (see xoauth2)."""
+        if "xoauth2" not in smtp.server_auth_methods:
+            raise aiosmtplib.SMTPResponseException(504, "5.5.4 server does not offer XOAUTH2")
+        reply = await smtp.execute_command(b"AUTH", b"XOAUTH2")
+        if reply.code != 334:
+            raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
+        reply = await smtp.execute_command(xoauth2_response(credential.username, credential.secret))
+        if reply.code == 334:
+            # The token was refused: the JSON error challenge must be answered (with an empty
+            # line) before the server sends its final reply.
+            status = error_challenge_status(reply.message)
+            reply = await smtp.execute_command(b"")
+            if reply.code != 235 and status:
+                message = f"{reply.message} (token refused, status {status})"
+                raise aiosmtplib.SMTPResponseException(reply.code, message)
+        if reply.code != 235:
+            raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
 
     async def send(
         self, sender: str, recipients: tuple[str, ...], content: bytes, *, smtputf8: bool = False

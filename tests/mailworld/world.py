@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Self
 
+from .oauth_server import OAuthServer
 from .pki import Pki, create_pki
 
 if TYPE_CHECKING:
@@ -363,6 +364,8 @@ class MailWorld:
         os.chown(self.mail_dir, MAIL_UID, MAIL_GID)
 
         self.pki: Pki = create_pki(b / "pki")
+        #: The OAuth token server Dovecot validates XOAUTH2 tokens against (introspection).
+        self.oauth = OAuthServer(self.pki)
         self.users: dict[str, str] = {}
         self._user_counter = 0
 
@@ -414,6 +417,7 @@ class MailWorld:
             raise
 
     def _start_daemons(self) -> None:
+        self.oauth.start()
         self._write_dovecot_config()
         self._write_postfix_config()
         self._dovecot.start()
@@ -452,6 +456,7 @@ class MailWorld:
         finally:
             try:
                 self._dovecot.stop()
+                self.oauth.stop()
             finally:
                 _LIVE_WORLDS.discard(self)
                 if self._owns_base_dir:
@@ -698,7 +703,7 @@ ssl_key = <{self.pki.server_key}
 ssl_client_ca_file = {self.pki.ca_cert}
 {dh}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2 oauthbearer
 auth_default_realm = {DOMAIN}
 auth_failure_delay = 0
 auth_cache_size = 0
@@ -712,8 +717,9 @@ mail_location = maildir:~/Maildir
 mail_fsync = never
 postmaster_address = postmaster@{DOMAIN}
 
-passdb {{
+{self.oauth.dovecot_passdbs(self.dovecot_dir)}passdb {{
   driver = dict
+  mechanisms = plain login
   args = {self.dovecot_dict_conf}
 }}
 userdb {{

@@ -1,0 +1,304 @@
+"""The operator's commands: ``status``, ``queue``, ``reload`` and ``sendmail`` (the handlers
+``relayd.cli`` registers).
+
+Commands that change what the daemon is doing (flush, hold, release, delete) go through the
+control socket while it runs, so its scheduler never finds its files moved behind its back.
+With the daemon stopped they work on the spool directly — every change is a rename, which
+is safe with nobody else scheduling — and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from relayd.config import ConfigError, find_config_path, load_config
+from relayd.config.model import Config
+from relayd.ops.control import ControlError, DaemonNotRunning, call_daemon
+from relayd.ops.events import is_operator_hold, set_operator_hold
+from relayd.ops.spoolview import QueueEntry, entries, find_entry
+from relayd.ops.status import gather, render_table
+from relayd.spool.accounts import AccountStore
+from relayd.spool.store import Spool
+
+__all__ = [
+    "add_queue_arguments",
+    "add_sendmail_arguments",
+    "add_status_arguments",
+    "cmd_queue",
+    "cmd_reload",
+    "cmd_sendmail",
+    "cmd_status",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+QUEUE_ACTIONS = ("list", "show", "flush", "hold", "release", "delete")
+
+
+def _config(args: argparse.Namespace) -> Config | None:
+    value = getattr(args, "config", None)
+    try:
+        return load_config(find_config_path(value if isinstance(value, str) else None))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def _ask(config: Config, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """The daemon's answer; DaemonNotRunning when it is down; SystemExit-free."""
+    return call_daemon(config.state_directory, command, arguments)
+
+
+def _permission_hint(config: Config, exc: OSError) -> int:
+    print(
+        f"error: cannot reach {config.state_directory}: {exc.strerror or exc} "
+        "(run as the relayd user or root)",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+def _adopt(config: Config, path: Path) -> None:
+    """Files written by root for a daemon that runs as relayd must stay readable to it."""
+    if os.geteuid() != 0:
+        return
+    try:
+        st = config.state_directory.stat()
+        if st.st_uid != 0 and path.exists():
+            os.chown(path, st.st_uid, st.st_gid)
+    except OSError:
+        pass
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per account state, queued mail and Sent-copy backlog; works with the daemon stopped."""
+    config = _config(args)
+    if config is None:
+        return EXIT_USAGE
+    live: dict[str, Any] | None = None
+    try:
+        live = _ask(config, "status")
+    except DaemonNotRunning:
+        live = None
+    except ControlError as exc:
+        print(f"warning: the daemon did not answer: {exc}", file=sys.stderr)
+    except PermissionError as exc:
+        return _permission_hint(config, exc)
+    try:
+        report = gather(config, live)
+    except PermissionError as exc:
+        return _permission_hint(config, exc)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        sys.stdout.write(render_table(report))
+    return EXIT_OK
+
+
+# -- reload -----------------------------------------------------------------------------------
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to re-read its configuration (like SIGHUP)."""
+    config = _config(args)
+    if config is None:
+        return EXIT_USAGE  # the daemon would refuse it too; say so before asking
+    try:
+        _ask(config, "reload")
+    except DaemonNotRunning:
+        print("error: relayd is not running", file=sys.stderr)
+        return EXIT_FAILED
+    except PermissionError as exc:
+        return _permission_hint(config, exc)
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"relayd reloaded {config.source}")
+    return EXIT_OK
+
+
+# -- queue ------------------------------------------------------------------------------------
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=QUEUE_ACTIONS, help="what to do")
+    parser.add_argument("queue_id", nargs="?", metavar="ID", help="a queue id")
+    parser.add_argument("--account", metavar="A", help="only this account's mail")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if not epoch else datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_list(found: list[QueueEntry], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([e.to_dict() for e in found], indent=2))
+        return
+    for e in found:
+        data = e.to_dict()
+        hold = " (held by operator)" if e.state.extra.get("operator_hold") else ""
+        print(
+            f"{e.queue_id}  {e.queue:<8} {e.size:>9}  {_when(e.envelope.received_at)}  "
+            f"{e.envelope.sender or '<>'} via {e.envelope.account}{hold}"
+        )
+        for rcpt in data["recipients"]:
+            print(f"    to <{rcpt}>")
+        if e.state.last_reply:
+            print(f"    ({e.state.last_reply}; attempts {e.state.attempts}, "
+                  f"next {_when(e.state.next_attempt_at)})")
+    print(f"-- {len(found)} messages")
+
+
+def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
+    entry = find_entry(spool, queue_id)
+    if entry is None:
+        print(f"error: {queue_id}: no such message", file=sys.stderr)
+        return EXIT_FAILED
+    content = spool.load(entry.queue_id, entry.queue).read_content()
+    if as_json:
+        data = entry.to_dict()
+        data["content"] = content.decode("utf-8", "replace")
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    data = entry.to_dict()
+    for key in ("id", "queue", "account", "tenant", "client", "sender", "recipients",
+                "delivered", "bounced", "size", "attempts", "last_reply", "relay"):
+        value = data[key]
+        print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+    print(f"received: {_when(entry.envelope.received_at)}")
+    print(f"next attempt: {_when(entry.state.next_attempt_at)}")
+    print()
+    sys.stdout.write(content.decode("utf-8", "replace").replace("\r\n", "\n"))
+    return EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """postqueue/postsuper for relayd."""
+    config = _config(args)
+    if config is None:
+        return EXIT_USAGE
+    action, queue_id, account = args.action, args.queue_id, args.account
+    needs_id = action in ("show", "hold", "delete") or (action == "release" and not account)
+    if needs_id and not queue_id:
+        print(f"error: queue {action} needs a queue ID", file=sys.stderr)
+        return EXIT_USAGE
+    spool = Spool(config.state_directory, fsync=True)
+    try:
+        if action == "list":
+            _print_list(entries(spool, account=account), args.json)
+            return EXIT_OK
+        if action == "show":
+            return _show(spool, queue_id, args.json)
+        arguments = {k: v for k, v in (("id", queue_id), ("account", account)) if v}
+        try:
+            result = _ask(config, action, arguments)
+        except DaemonNotRunning:
+            return _offline(config, spool, action, queue_id, account)
+        except ControlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    except PermissionError as exc:
+        return _permission_hint(config, exc)
+    print(_describe(action, result))
+    return EXIT_OK
+
+
+def _describe(action: str, result: dict[str, Any]) -> str:
+    if action == "flush":
+        return f"{result['flushed']} deferred messages are being retried now"
+    if action == "release" and "was_paused" in result:
+        state = "resumed (was paused)" if result["was_paused"] else "was not paused"
+        return f"{result['released']}: {state}; its held mail is being delivered"
+    return f"{action}: {next(iter(result.values()))}"
+
+
+def _offline(
+    config: Config, spool: Spool, action: str, queue_id: str | None, account: str | None
+) -> int:
+    """The same commands on the spool directly: the daemon is not running."""
+    note = "relayd is not running: changed the spool directly"
+    if action == "flush":
+        found = entries(spool, ("deferred",), account)
+        if queue_id:
+            found = [e for e in found if e.queue_id == queue_id]
+        for e in found:
+            spool.move(e.queue_id, "deferred", "incoming")
+        print(f"{note}; {len(found)} deferred messages are tried first when it starts")
+        return EXIT_OK
+    if action == "release" and queue_id is None and account is not None:
+        return _release_account_offline(config, spool, account.lower(), note)
+    assert queue_id is not None
+    queue = spool.locate(queue_id)
+    if queue is None:
+        print(f"error: {queue_id}: no such message", file=sys.stderr)
+        return EXIT_FAILED
+    if action == "hold":
+        if queue != "hold":
+            set_operator_hold(spool, queue_id, True)
+            _adopt(config, spool.root / "state" / f"{queue_id}.json")
+            spool.move(queue_id, queue, "hold")
+    elif action == "release":
+        if queue != "hold":
+            print(f"error: {queue_id}: not held", file=sys.stderr)
+            return EXIT_FAILED
+        set_operator_hold(spool, queue_id, False)
+        spool.move(queue_id, "hold", "incoming")
+    elif action == "delete":
+        spool.remove(queue_id, queue)
+    print(f"{note}; {action}: {queue_id}")
+    return EXIT_OK
+
+
+def _release_account_offline(config: Config, spool: Spool, address: str, note: str) -> int:
+    if not any(a.address == address for a in config.accounts()):
+        print(f"error: {address}: not a configured account", file=sys.stderr)
+        return EXIT_FAILED
+    store = AccountStore(config.state_directory)
+    store.prepare()
+    health = store.load(address)
+    store.save(health.on_released())
+    for path in store.root.glob("*.json"):
+        _adopt(config, path)
+    moved = 0
+    for e in entries(spool, ("hold",), address):
+        if not is_operator_hold(spool, e.queue_id):
+            spool.move(e.queue_id, "hold", "incoming")
+            moved += 1
+    print(f"{note}; {address} released (was {health.state.value}); {moved} held messages "
+          "are delivered when it starts")
+    return EXIT_OK
+
+
+# -- sendmail ---------------------------------------------------------------------------------
+
+
+def add_sendmail_arguments(parser: argparse.ArgumentParser) -> None:
+    # sendmail's options are not argparse's (-fFROM, -oi, -bs): everything after the command
+    # word is passed on as it is, to relayd.ops.sendmail's own parser.
+    parser.prefix_chars = "+"
+    parser.add_argument("sendmail_args", nargs=argparse.REMAINDER)
+
+
+def cmd_sendmail(args: argparse.Namespace) -> int:
+    """sendmail-compatible submission from stdin, as the calling Unix user."""
+    from relayd.ops.sendmail import run
+
+    argv = list(args.sendmail_args)
+    config = getattr(args, "config", None)
+    if isinstance(config, str) and not any(a.startswith("-C") for a in argv):
+        argv = ["-C", config, *argv]
+    return run(argv, sys.stdin.buffer, sys.stdout.buffer)

@@ -1,0 +1,134 @@
+"""Reading the spool as an operator sees it: what is queued where, for whom, since when.
+
+Read-only and safe while the daemon runs: a message's state is the directory it is in and
+every change is a rename, so a file that vanishes between listing and reading simply moved
+on (it is skipped). The account of a queue id never changes, so ``QueueCensus`` reads each
+message's envelope once and then only lists directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relayd.core.envelope import DeliveryState, Envelope
+from relayd.errors import SpoolError
+from relayd.spool.store import QUEUES, Spool
+
+__all__ = ["WAITING", "QueueCensus", "QueueEntry", "entries", "find_entry", "spool_bytes"]
+
+# Where a message waits for delivery (corrupt/ holds what will never be sent).
+WAITING = ("incoming", "active", "deferred", "hold")
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    queue_id: str
+    queue: str
+    envelope: Envelope
+    state: DeliveryState
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        env, state = self.envelope, self.state
+        return {
+            "id": self.queue_id,
+            "queue": self.queue,
+            "account": env.account,
+            "tenant": env.tenant,
+            "client": env.client,
+            "sender": env.sender,
+            "recipients": list(state.pending(env)),
+            "delivered": list(state.delivered),
+            "bounced": list(state.bounced),
+            "size": self.size,
+            "received_at": env.received_at,
+            "attempts": state.attempts,
+            "next_attempt_at": state.next_attempt_at or None,
+            "last_reply": state.last_reply,
+            "relay": state.relay,
+            "is_dsn": env.is_dsn,
+        }
+
+
+def _entry(spool: Spool, queue_id: str, queue: str) -> QueueEntry | None:
+    try:
+        msg = spool.load(queue_id, queue)
+    except (SpoolError, OSError):
+        return None
+    return QueueEntry(queue_id, queue, msg.envelope, spool.read_state(queue_id), msg.content_length)
+
+
+def entries(
+    spool: Spool, queues: tuple[str, ...] = WAITING, account: str | None = None
+) -> list[QueueEntry]:
+    found: list[QueueEntry] = []
+    for queue in queues:
+        directory = spool.root / queue
+        if not directory.is_dir():
+            continue
+        for name in sorted(os.listdir(directory)):
+            entry = _entry(spool, name, queue)
+            if entry is None:
+                continue
+            if account is not None and entry.envelope.account != account.lower():
+                continue
+            found.append(entry)
+    return found
+
+
+def find_entry(spool: Spool, queue_id: str) -> QueueEntry | None:
+    queue = spool.locate(queue_id) if (spool.root / "incoming").is_dir() else None
+    return _entry(spool, queue_id, queue) if queue is not None else None
+
+
+def spool_bytes(root: Path) -> int:
+    """Bytes in the spool's files (not counting directory blocks)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+class QueueCensus:
+    """Messages per (queue, account), for ``relayd status``, STATUS= and the metrics."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._account_of: dict[str, str] = {}
+
+    def count(self) -> dict[tuple[str, str], int]:
+        result: dict[tuple[str, str], int] = {}
+        seen: set[str] = set()
+        for queue in QUEUES:
+            directory = self.spool.root / queue
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                seen.add(name)
+                account = self._account_of.get(name)
+                if account is None:
+                    entry = _entry(self.spool, name, queue)
+                    account = entry.envelope.account if entry is not None else "-"
+                    if entry is not None:
+                        self._account_of[name] = account
+                result[(queue, account)] = result.get((queue, account), 0) + 1
+        # Forget messages that left the spool, so the cache stays as small as the spool.
+        for gone in set(self._account_of) - seen:
+            del self._account_of[gone]
+        return result
+
+    def by_account(self) -> dict[str, int]:
+        """Messages waiting for delivery, per account."""
+        totals: dict[str, int] = {}
+        for (queue, account), n in self.count().items():
+            if queue in WAITING:
+                totals[account] = totals.get(account, 0) + n
+        return totals

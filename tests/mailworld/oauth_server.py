@@ -1,0 +1,463 @@
+"""A local HTTPS OAuth2 authorization server for the mail world.
+
+It speaks just enough of Microsoft's identity platform (``/{tenant}/v2.0/.well-known/
+openid-configuration``, ``/{tenant}/oauth2/v2.0/token|devicecode|authorize``) for msal, of
+Google's (``/token``, ``/authorize``) for google-auth and google-auth-oauthlib, and of RFC 7662
+token introspection (``/introspect``) for Dovecot's oauth2 passdb. Tokens are random strings
+it remembers, so Dovecot's verdict on a token is the server's.
+
+Tests steer it: register clients, seed refresh tokens, revoke them (``invalid_grant``), make
+the token endpoint answer 503 or go down, hold refreshes until released, choose the size and
+lifetime of issued access tokens, approve a device code as the user would, and count requests
+per grant type ("exactly one refresh").
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlparse
+
+from .pki import Pki
+
+__all__ = ["DEVICE_GRANT", "JWT_GRANT", "OAuthServer"]
+
+HOST = "127.0.0.1"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+@dataclass
+class _Issued:
+    """An access token the server issued."""
+
+    username: str | None  # a mailbox (delegated); None for an app token
+    client_id: str
+    expires_at: float
+    app_domain: str | None = None  # app-only: every mailbox of this domain
+
+
+@dataclass
+class _RefreshGrant:
+    username: str
+    client_id: str
+    revoked: bool = False
+
+
+@dataclass
+class _DeviceCode:
+    user_code: str
+    client_id: str
+    expires_at: float
+    username: str | None = None  # set when approved
+
+
+@dataclass
+class _State:
+    clients: dict[str, str | None] = field(default_factory=dict)  # id -> secret
+    app_domains: dict[str, str] = field(default_factory=dict)  # app client id -> domain
+    access: dict[str, _Issued] = field(default_factory=dict)
+    refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
+    devices: dict[str, _DeviceCode] = field(default_factory=dict)  # device_code -> ...
+    codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # auth code -> (user, client)
+    counts: Counter[str] = field(default_factory=Counter)
+    introspected: Counter[str] = field(default_factory=Counter)
+
+
+class OAuthServer:
+    """Start with :meth:`start`; :meth:`stop` closes the port (the endpoint is down)."""
+
+    def __init__(self, pki: Pki, *, port: int = 0) -> None:
+        self.pki = pki
+        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ctx.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                port = int(s.getsockname()[1])
+        self.port = port
+        self._lock = threading.Lock()
+        self.state = _State()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        # Behaviour switches.
+        self.fail_status: int | None = None  # token endpoint answers this (e.g. 503)
+        self.token_size = 48  # characters of each issued access token
+        self.token_lifetime = 3600  # seconds
+        self.rotate_refresh_tokens = True  # Microsoft rotates on every use
+        self.consent_user: str | None = None  # who signs in at /authorize
+        self._gate = threading.Event()
+        self._gate.set()
+        self.held = 0  # refresh requests waiting at the gate
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://{HOST}:{self.port}"
+
+    def authority(self, tenant: str) -> str:
+        return f"{self.url}/{tenant}"
+
+    @property
+    def google_token_url(self) -> str:
+        return f"{self.url}/token"
+
+    @property
+    def google_auth_url(self) -> str:
+        return f"{self.url}/authorize"
+
+    @property
+    def introspection_url(self) -> str:
+        return f"{self.url}/introspect"
+
+    @property
+    def running(self) -> bool:
+        return self._httpd is not None
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            return
+        server = _Server((HOST, self.port), _Handler)
+        server.oauth = self
+        server.socket = self._ctx.wrap_socket(server.socket, server_side=True)
+        self._httpd = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._httpd = self._httpd, None
+        if server is None:
+            return
+        self._gate.set()
+        server.shutdown()
+        server.server_close()
+        server.drop_connections()
+
+    # -- test controls --------------------------------------------------------------------
+
+    def add_client(self, client_id: str, secret: str | None = None) -> None:
+        with self._lock:
+            self.state.clients[client_id] = secret
+
+    def add_app(self, client_id: str, secret: str, domain: str) -> None:
+        """An app-only registration whose tokens may send as any mailbox of ``domain``."""
+        with self._lock:
+            self.state.clients[client_id] = secret
+            self.state.app_domains[client_id] = domain
+
+    def issue_refresh_token(self, username: str, client_id: str) -> str:
+        token = "rt-" + secrets.token_urlsafe(24)
+        with self._lock:
+            self.state.refresh[token] = _RefreshGrant(username.lower(), client_id)
+        return token
+
+    def issue_access_token(
+        self, username: str, client_id: str, *, lifetime: float | None = None
+    ) -> str:
+        with self._lock:
+            return self._new_access(username.lower(), client_id, lifetime)
+
+    def revoke(self, refresh_token: str | None = None, *, username: str | None = None) -> None:
+        """Revoke one refresh token, or every refresh token of ``username``."""
+        with self._lock:
+            for token, grant in self.state.refresh.items():
+                if token == refresh_token or (username and grant.username == username.lower()):
+                    grant.revoked = True
+
+    def count(self, grant_type: str) -> int:
+        with self._lock:
+            return self.state.counts[grant_type]
+
+    def introspections(self, token: str) -> int:
+        with self._lock:
+            return self.state.introspected[token]
+
+    def tokens_of(self, username: str) -> list[str]:
+        with self._lock:
+            return [t for t, i in self.state.access.items() if i.username == username.lower()]
+
+    def hold_refreshes(self) -> None:
+        self._gate.clear()
+
+    def release_refreshes(self) -> None:
+        self._gate.set()
+
+    def approve_device_code(self, user_code: str, username: str) -> None:
+        """What the user does on the verification page: enter the code and sign in."""
+        with self._lock:
+            for device in self.state.devices.values():
+                if device.user_code == user_code:
+                    device.username = username.lower()
+                    return
+        raise KeyError(f"no such user code: {user_code}")
+
+    # -- token logic (called by the handler) --------------------------------------------
+
+    def _new_access(self, username: str | None, client_id: str, lifetime: float | None) -> str:
+        prefix = "at-"
+        size = max(self.token_size, len(prefix) + 8)
+        token = prefix + secrets.token_urlsafe(size)[: size - len(prefix)]
+        self.state.access[token] = _Issued(
+            username=username,
+            client_id=client_id,
+            expires_at=time.time() + (self.token_lifetime if lifetime is None else lifetime),
+            app_domain=self.state.app_domains.get(client_id) if username is None else None,
+        )
+        return token
+
+    def _answer(self, username: str | None, client_id: str, refresh: bool) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "token_type": "Bearer",
+            "access_token": self._new_access(username, client_id, None),
+            "expires_in": self.token_lifetime,
+        }
+        if refresh and username is not None:
+            token = "rt-" + secrets.token_urlsafe(24)
+            self.state.refresh[token] = _RefreshGrant(username, client_id)
+            doc["refresh_token"] = token
+        return doc
+
+    def token_request(self, form: dict[str, str], basic: tuple[str, str] | None) -> tuple[int, Any]:
+        grant_type = form.get("grant_type", "")
+        client_id = form.get("client_id") or (basic[0] if basic else "")
+        secret = form.get("client_secret") or (basic[1] if basic else None)
+        with self._lock:
+            self.state.counts[grant_type] += 1
+            if self.fail_status is not None:
+                return self.fail_status, {"error": "temporarily_unavailable"}
+            if client_id not in self.state.clients:
+                return 400, {"error": "invalid_client", "error_description": "unknown client"}
+            expected = self.state.clients[client_id]
+            if expected is not None and grant_type != JWT_GRANT and secret != expected:
+                return 401, {"error": "invalid_client", "error_description": "bad secret"}
+        if grant_type == "refresh_token":
+            self.held += 0 if self._gate.is_set() else 1
+            self._gate.wait(60)
+        with self._lock:
+            return self._grant(grant_type, form, client_id)
+
+    def _grant(self, grant_type: str, form: dict[str, str], client_id: str) -> tuple[int, Any]:
+        if grant_type == "refresh_token":
+            grant = self.state.refresh.get(form.get("refresh_token", ""))
+            if grant is None or grant.revoked or grant.client_id != client_id:
+                return 400, {
+                    "error": "invalid_grant",
+                    "error_description": "AADSTS70008: The refresh token has expired or "
+                    "is revoked.",
+                }
+            return 200, self._answer(grant.username, client_id, self.rotate_refresh_tokens)
+        if grant_type == "client_credentials":
+            if client_id not in self.state.app_domains:
+                return 400, {"error": "unauthorized_client"}
+            return 200, self._answer(None, client_id, False)
+        if grant_type == DEVICE_GRANT:
+            device = self.state.devices.get(form.get("device_code", ""))
+            if device is None or device.expires_at < time.time():
+                return 400, {"error": "expired_token"}
+            if device.username is None:
+                return 400, {"error": "authorization_pending"}  # RFC 8628 §3.5
+            del self.state.devices[form["device_code"]]
+            return 200, self._answer(device.username, client_id, True)
+        if grant_type == "authorization_code":
+            found = self.state.codes.pop(form.get("code", ""), None)
+            if found is None or found[1] != client_id:
+                return 400, {"error": "invalid_grant"}
+            return 200, self._answer(found[0], client_id, True)
+        if grant_type == JWT_GRANT:
+            claims = _jwt_claims(form.get("assertion", ""))
+            subject = claims.get("sub")
+            if not isinstance(subject, str):
+                return 400, {"error": "invalid_grant"}
+            return 200, self._answer(subject.lower(), str(claims.get("iss")), False)
+        return 400, {"error": "unsupported_grant_type"}
+
+    def device_code(self, form: dict[str, str]) -> dict[str, Any]:
+        with self._lock:
+            self.state.counts["devicecode"] += 1
+            device_code = secrets.token_urlsafe(24)
+            user_code = "".join(secrets.choice("BCDFGHJKLMNPQRSTVWXZ") for _ in range(8))
+            self.state.devices[device_code] = _DeviceCode(
+                user_code=user_code,
+                client_id=form.get("client_id", ""),
+                expires_at=time.time() + 900,
+            )
+        return {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": f"{self.url}/devicelogin",
+            "expires_in": 900,
+            "interval": 1,
+            "message": f"To sign in, open {self.url}/devicelogin and enter {user_code}.",
+        }
+
+    def authorize(self, query: dict[str, str]) -> str:
+        """Auto-consent as ``consent_user`` (or the login hint): the redirect URL."""
+        user = self.consent_user or query.get("login_hint", "")
+        code = secrets.token_urlsafe(16)
+        with self._lock:
+            self.state.codes[code] = (user.lower(), query.get("client_id", ""))
+        answer = {"code": code, "state": query.get("state", "")}
+        return query["redirect_uri"] + "?" + urlencode(answer)
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        # Dovecot 2.3 needs the username attribute present to report a plain authentication
+        # failure; an inactive token therefore names nobody (RFC 7662 §2.2 allows extras).
+        with self._lock:
+            self.state.introspected[token] += 1
+            issued = self.state.access.get(token)
+            if issued is None or issued.expires_at < time.time():
+                return {"active": False, "username": "-", "app_mailboxes": "-@invalid.invalid"}
+            if issued.username is None:
+                return {
+                    "active": True,
+                    "username": f"app:{issued.client_id}",
+                    "app_mailboxes": f"*@{issued.app_domain}",
+                }
+            return {
+                "active": True,
+                "username": issued.username,
+                "app_mailboxes": "-@invalid.invalid",
+            }
+
+    def openid_configuration(self, tenant: str) -> dict[str, Any]:
+        base = f"{self.url}/{tenant}"
+        return {
+            "issuer": f"{base}/v2.0",
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+        }
+
+    def dovecot_passdbs(self, conf_dir: Path) -> str:
+        """Dovecot passdb blocks (and their args files) validating tokens against this
+        server: delegated tokens for their own user, app tokens for any user of their
+        domain."""
+        common = (
+            "introspection_mode = post\n"
+            f"introspection_url = {self.introspection_url}\n"
+            f"tls_ca_cert_file = {self.pki.ca_cert}\n"
+            "force_introspection = yes\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+            "timeout_msecs = 10000\n"
+        )
+        user_conf = conf_dir / "oauth2-user.conf.ext"
+        app_conf = conf_dir / "oauth2-app.conf.ext"
+        user_conf.write_text(common + "username_attribute = username\nusername_format = %Lu\n")
+        app_conf.write_text(common + "username_attribute = app_mailboxes\nusername_format = %Ld\n")
+        return "".join(
+            f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {p}\n}}\n"
+            for p in (user_conf, app_conf)
+        )
+
+
+def _jwt_claims(assertion: str) -> dict[str, Any]:
+    with contextlib.suppress(ValueError, IndexError):
+        payload = assertion.split(".")[1]
+        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        if isinstance(doc, dict):
+            return doc
+    return {}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    oauth: OAuthServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """A server that is down also breaks its kept-alive connections."""
+        with self.connections_lock:
+            live = list(self.connections)
+        for conn in live:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+    def _send(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _form(self) -> dict[str, str]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode()
+        return {k: v[0] for k, v in parse_qs(raw).items()}
+
+    def _basic(self) -> tuple[str, str] | None:
+        value = self.headers.get("Authorization", "")
+        if not value.startswith("Basic "):
+            return None
+        user, _, password = base64.b64decode(value[6:]).decode().partition(":")
+        return user, password
+
+    def do_GET(self) -> None:
+        oauth = self.server.oauth
+        url = urlparse(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if parts[-3:] == ["v2.0", ".well-known", "openid-configuration"] and len(parts) == 4:
+            self._send(200, oauth.openid_configuration(parts[0]))
+        elif parts and parts[-1] == "authorize":
+            self.send_response(302)
+            self.send_header("Location", oauth.authorize(query))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, {"error": "not_found"})
+
+    def do_POST(self) -> None:
+        oauth = self.server.oauth
+        parts = [p for p in urlparse(self.path).path.split("/") if p]
+        form = self._form()
+        if parts == ["introspect"]:
+            self._send(200, oauth.introspect(form.get("token", "")))
+        elif parts == ["token"] or parts[-3:] == ["oauth2", "v2.0", "token"]:
+            status, doc = oauth.token_request(form, self._basic())
+            # Like Microsoft's endpoint, a 5xx says when to come back (msal obeys Retry-After
+            # and otherwise replays a 5xx from its cache for 60 s).
+            self._send(status, doc, {"Retry-After": "1"} if status >= 500 else None)
+        elif parts[-3:] == ["oauth2", "v2.0", "devicecode"]:
+            self._send(200, oauth.device_code(form))
+        else:
+            self._send(404, {"error": "not_found"})

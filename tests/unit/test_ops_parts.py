@@ -1,0 +1,78 @@
+"""Pure parts of the ops modules: hints, metrics text, incident book, maildrop format."""
+
+from __future__ import annotations
+
+import pytest
+
+from relayd.ops.alerts import IncidentBook
+from relayd.ops.events import is_tls_failure
+from relayd.ops.hints import hint_for
+from relayd.ops.maildrop import Drop, encode_drop, parse_drop
+from relayd.ops.metrics import Registry
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled",
+         "SMTP AUTH is disabled"),
+        ("534-5.7.9 Application-specific password required", "application-specific password"),
+        ("530 5.7.57 Client not authenticated to send mail", "not authenticated"),
+        ("554 5.2.252 SendAsDenied; a@x not allowed to send as b@x", "Send As"),
+        ("535 5.7.8 Error: authentication failed", "app password"),
+        ("421 4.7.0 Try again later, closing connection", "throttling"),
+        ("454 4.7.0 Too many login attempts, please try again later", "throttling"),
+    ],
+)
+def test_hints(reply, expected):
+    hint = hint_for(reply)
+    assert hint is not None and expected in hint
+
+
+def test_no_hint_for_plain_replies():
+    assert hint_for("250 2.0.0 Ok") is None
+    assert hint_for("network during connect: refused") is None
+
+
+def test_metrics_text_format():
+    registry = Registry()
+    counter = registry.counter("x_total", "Things", ("account", "status"))
+    counter.inc(account='a"b', status="ok")
+    counter.inc(2, account='a"b', status="ok")
+    histogram = registry.histogram("lat_seconds", "Latency")
+    histogram.observe(0.2)
+    histogram.observe(100)
+    registry.gauge("depth", "Depth", lambda: [({"queue": "hold"}, 3.0)])
+    text = registry.render()
+    assert '# TYPE x_total counter\nx_total{account="a\\"b",status="ok"} 3\n' in text
+    assert 'lat_seconds_bucket{le="0.5"} 1\n' in text
+    assert 'lat_seconds_bucket{le="300"} 2\n' in text
+    assert 'lat_seconds_bucket{le="+Inf"} 2\nlat_seconds_sum 100.2\nlat_seconds_count 2\n' in text
+    assert '# TYPE depth gauge\ndepth{queue="hold"} 3\n' in text
+
+
+def test_incident_book_once_per_incident_and_cool_down(tmp_path):
+    book = IncidentBook(tmp_path / "alerts.json")
+    assert not book.is_open("paused:a", now=100)
+    book.open("paused:a", now=100)
+    book.open("expired:a", now=100, cool_down=3600)
+    again = IncidentBook(tmp_path / "alerts.json")  # remembered across restarts
+    assert again.is_open("paused:a", now=10**9)
+    assert again.is_open("expired:a", now=3000)
+    assert not again.is_open("expired:a", now=3700)  # cool-down over: a new incident
+    again.close("paused:a")
+    assert not IncidentBook(tmp_path / "alerts.json").is_open("paused:a", now=200)
+
+
+def test_maildrop_format_round_trip_and_refusals():
+    drop = Drop("a@x.test", ("b@x.test", "ü@x.test"), b"Subject: s\n\nbody\n")
+    assert parse_drop(encode_drop(drop)) == drop
+    for raw in (b"", b"garbage", b"RELAYD-MAILDROP 1\n", b'RELAYD-MAILDROP 1\n{"sender": "a"}\n'):
+        with pytest.raises(ValueError):
+            parse_drop(raw)
+
+
+def test_tls_failures_are_recognised():
+    assert is_tls_failure("tls: certificate not trusted: hostname mismatch")
+    assert is_tls_failure("server does not offer STARTTLS")
+    assert not is_tls_failure("network during connect: refused")
