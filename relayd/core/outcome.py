@@ -112,8 +112,13 @@ def is_send_as_refusal(reply: Reply) -> bool:
 
 
 def classify_reply(phase: Phase, reply: Reply) -> Verdict:
-    if 200 <= reply.code < 400:
+    if 200 <= reply.code < 300 and phase is Phase.DATA:
         return Verdict.DELIVERED
+    if 200 <= reply.code < 400:
+        # A positive reply anywhere else is the answer to a step that should have gone
+        # differently (e.g. 250 to AUTH where RFC 4954 §4 requires 235): the message was not
+        # taken, so it waits — never counted as delivered.
+        return Verdict.DEFERRED
     if is_credential_refusal(phase, reply):
         return Verdict.HELD
     if reply.code // 100 == 4:

@@ -34,8 +34,10 @@ from relayd.oauth.tokens import (
     AccessToken,
     ConsentRequired,
     Grant,
+    TokenEndpointUnavailable,
     needs_refresh,
 )
+from relayd.ops.metrics import TOKEN_REFRESHES
 
 __all__ = ["TokenProvider", "TokenSources", "config_seed_id", "provider_for"]
 
@@ -147,7 +149,15 @@ class TokenSources:
                         self._tokens[provider.key] = stored
                         return stored
                 refresh_token = record.refresh_token if record is not None else None
-            grant = await asyncio.to_thread(provider.refresh, refresh_token)
+            try:
+                grant = await asyncio.to_thread(provider.refresh, refresh_token)
+            except ConsentRequired:
+                TOKEN_REFRESHES.inc(account=account.address, result="consent-required")
+                raise
+            except TokenEndpointUnavailable:
+                TOKEN_REFRESHES.inc(account=account.address, result="unavailable")
+                raise
+            TOKEN_REFRESHES.inc(account=account.address, result="ok")
             for secret in (grant.access_token, grant.refresh_token):
                 if secret:
                     self.on_secret(secret)

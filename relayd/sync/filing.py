@@ -41,6 +41,7 @@ from relayd.core.sentcopy import (
     with_job,
 )
 from relayd.errors import SpoolError
+from relayd.ops.metrics import IMAP_COPIES
 from relayd.spool.store import Spool, StoredMessage
 from relayd.sync import wire
 from relayd.sync.backlog import FILING_QUEUE, add_dsn, enter_from_active, return_to_delivery
@@ -290,12 +291,15 @@ class FilingStage:
                 where = await self._file_imap(item, account, content)
         except ImapError as err:
             item.job = job_of(self.spool.read_state(qid)) or job  # append_issued may be set
+            IMAP_COPIES.inc(account=account.address, result="failed")
             self._imap_failed(item, account, err)
             return
         except OSError as exc:
             self._failed(item, f"capture Maildir: {exc}")
             return
         self.spool.remove(qid, FILING_QUEUE)
+        if route is not Filing.CAPTURE:
+            IMAP_COPIES.inc(account=account.address, result="filed")
         what = "Sent copy" if is_sent else "non-delivery notification"
         log.info("%s filed in %s", what, where, extra=logx)
 

@@ -21,6 +21,7 @@ from typing import Protocol
 import aiosmtplib
 
 from relayd.config.model import AccountConfig, TlsMode
+from relayd.config.values import is_loopback_host
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.oauth.tokens import AccessToken
 from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
@@ -205,6 +206,16 @@ class UpstreamSession:
         self._smtp = smtp
 
     async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
+        if (
+            not smtp.supports_extension("auth")
+            and self.server.tls is TlsMode.NONE
+            and is_loopback_host(self.server.host)
+        ):
+            # A plain loopback upstream (only allowed when the config marks it `tls: none`)
+            # is a local MTA hop such as Postfix on 127.0.0.1:25: when it offers no AUTH,
+            # there is nobody to log in to. Anywhere else a missing AUTH fails the attempt.
+            log.debug("%s offers no AUTH: local hop, sending without login", self.relay)
+            return
         credential = await self.credentials.obtain(self.account)
         try:
             if credential.mechanism is Mechanism.XOAUTH2:

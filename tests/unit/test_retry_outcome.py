@@ -115,8 +115,12 @@ D, F, B, H = Verdict.DELIVERED, Verdict.DEFERRED, Verdict.BOUNCED, Verdict.HELD
     ("phase", "code", "text", "verdict"),
     [
         (Phase.DATA, 250, "2.0.0 OK: queued as 4F1x", D),
-        (Phase.RCPT, 250, "2.1.5 Recipient OK", D),
-        (Phase.MAIL, 250, "2.1.0 Sender OK", D),
+        # Only the final reply to DATA means delivered; a positive reply where a step failed
+        # (250 to AUTH from a broken server, a 2xx read at MAIL/RCPT) leaves the mail waiting.
+        (Phase.RCPT, 250, "2.1.5 Recipient OK", F),
+        (Phase.MAIL, 250, "2.1.0 Sender OK", F),
+        (Phase.AUTH, 250, "2.0.0 Ok", F),
+        (Phase.DATA, 354, "End data with <CR><LF>.<CR><LF>", F),
         (Phase.CONNECT, 421, "4.3.2 Service not available", F),
         (Phase.MAIL, 421, "4.7.0 Too many connections", F),
         (Phase.RCPT, 450, "4.2.1 Mailbox busy", F),
