@@ -1,8 +1,11 @@
-"""``relayd run``: wiring of listeners, spool, scheduler and signals.
+"""``relayd run``: wiring of listeners, accepting processes, spool, scheduler and signals.
 
-Start order matters for "nothing lost": the spool is recovered (temp files removed, corrupt
-files quarantined, interrupted deliveries requeued) before the first listener opens and before
-READY=1 is sent; on SIGTERM the listeners close first, then in-flight deliveries finish.
+Start order matters for "nothing lost": the spool is recovered (temp files removed,
+interrupted deliveries requeued; names only, so a big spool starts fast) before a listening
+socket is bound, the accepting processes are forked before the main process's event loop
+starts, and READY=1 is sent once every one of them serves. The main process alone schedules
+delivery, refreshes tokens, files over IMAP, alerts and serves the control socket.
+On SIGTERM the accepting processes drain first, then in-flight deliveries finish.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -19,8 +21,15 @@ from pathlib import Path
 from relayd import __version__
 from relayd.config import ConfigError, load_config
 from relayd.config.model import AccountConfig, Config
-from relayd.inbound.handler import InboundHandler
-from relayd.inbound.listeners import Listeners, start_listeners, stop_listeners
+from relayd.inbound.handler import InboundHandler, local_hostnames
+from relayd.inbound.listeners import (
+    BoundListener,
+    Listeners,
+    bind_listeners,
+    close_bound,
+    start_listeners,
+    stop_listeners,
+)
 from relayd.log import redactor
 from relayd.oauth.registry import TokenSources
 from relayd.oauth.store import TokenStore
@@ -28,12 +37,14 @@ from relayd.ops.service import Operations
 from relayd.sdnotify import notify, watchdog_interval
 from relayd.secrets_index import all_secret_values
 from relayd.spool.accounts import AccountStore
+from relayd.spool.arrivals import ArrivalInbox
 from relayd.spool.scheduler import Scheduler
-from relayd.spool.store import Spool
+from relayd.spool.store import RecoveryReport, Spool
 from relayd.sync.connections import ImapConnections
 from relayd.sync.filing import FilingStage
 from relayd.upstream.credentials import AccountCredentials
 from relayd.upstream.delivery import Deliverer
+from relayd.workers import AcceptProcesses, accept_process_count
 
 __all__ = ["Daemon", "local_hostnames"]
 
@@ -50,14 +61,6 @@ def not_yet_served(config: Config) -> list[str]:
     """Configured features this version does not act on yet: said at start, never silent."""
     notes: list[str] = []
     return notes
-
-
-def local_hostnames(config: Config) -> frozenset[str]:
-    """Names under which local senders like ``root@<this host>`` are rewritten (SPEC rule 2)."""
-    names = {"localhost", "localhost.localdomain", socket.gethostname(), socket.getfqdn()}
-    if config.helo_name:
-        names.add(config.helo_name)
-    return frozenset(n.lower() for n in names if n)
 
 
 class Daemon:
@@ -88,20 +91,41 @@ class Daemon:
         self.handler = InboundHandler(
             config=config,
             spool=self.spool,
-            on_queued=self.scheduler.submit,
+            on_queued=self.scheduler.accept_new,
             local_hostnames=local_hostnames(config),
         )
         self._listeners: Listeners | None = None
+        self._bound: list[BoundListener] = []
+        self.workers: AcceptProcesses | None = None
+        self._inbox: ArrivalInbox | None = None
+        self._recovery: RecoveryReport | None = None
         self._stop = asyncio.Event()
         # Control socket, submit.sock + maildrop, alerts, metrics, STATUS= (issue 5).
         self.ops = Operations(self)
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+    def prepare(self, *, fork: bool = True) -> None:
+        """Before the event loop: recover the spool, bind the listeners, fork the accepting
+        processes (a child never returns from here; ``fork=False``: this process accepts).
+        Raises OSError when a listener cannot be bound."""
         redactor.set_secrets(all_secret_values(self.config))
         self.config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.accounts.prepare()
-        report = await asyncio.to_thread(self.spool.recover)
+        self._recovery = self.spool.recover(check_files=False)
+        self.token_store.remove_stale_temp_files()
+        self._bound = bind_listeners(self.config.listeners)
+        count = accept_process_count(self.config) if fork else 0
+        if count > 0:
+            # Delivered files are kept for the accepting processes to reuse (Spool.retire).
+            self.spool.reuse_files = True
+            self.workers = AcceptProcesses(self.config, self._bound, count)
+            self.workers.fork_all()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self._recovery is None:
+            self.prepare(fork=False)  # too late to fork: a loop is running
+        report = self._recovery
+        assert report is not None
         log.info(
             "relayd %s starting: spool recovered (%d queued, %d requeued from active, "
             "%d temp files removed, %d quarantined)",
@@ -113,11 +137,18 @@ class Daemon:
         )
         for note in not_yet_served(self.config):
             log.warning("%s", note)
-        await asyncio.to_thread(self.token_store.remove_stale_temp_files)
         self.scheduler.start()
         self.filing.start()
         token_watch = loop.create_task(self._watch_token_store())
-        self._listeners = await start_listeners(self.config, self.handler)
+        try:
+            await self._start_accepting()
+        except (RuntimeError, OSError, ssl.SSLError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            await self._stop_accepting(timeout=5.0)
+            await self.scheduler.stop(timeout=5.0)
+            await self.filing.stop(timeout=5.0)
+            token_watch.cancel()
+            return 1
         await self.ops.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -134,8 +165,7 @@ class Daemon:
         await self._stop.wait()
         notify("STOPPING=1")
         log.info("stopping: closing listeners, draining deliveries")
-        if self._listeners is not None:
-            await stop_listeners(self._listeners, timeout=DRAIN_SECONDS)
+        await self._stop_accepting(timeout=DRAIN_SECONDS)
         await self.ops.stop()
         await self.scheduler.stop(timeout=DRAIN_SECONDS)
         await self.filing.stop(timeout=DRAIN_SECONDS)
@@ -144,6 +174,44 @@ class Daemon:
             watchdog.cancel()
         log.info("stopped")
         return 0
+
+    async def _start_accepting(self) -> None:
+        if self.workers is None:
+            self._listeners = await start_listeners(self.config, self.handler, self._bound)
+            return
+        workers = self.workers
+        self._inbox = ArrivalInbox(
+            workers.inbox,
+            self.spool.root / "incoming",
+            on_arrival=self._arrived,
+            knows=self.scheduler.knows,
+            on_ready=workers.on_ready,
+        )
+        self._inbox.start()
+        await workers.start()
+        log.info("%d accepting processes: %s", workers.count, " ".join(map(str, workers.pids)))
+
+    def _arrived(self, queue_id: str, account: str | None) -> None:
+        """A queue id announced by an accepting process (or found by the scan): counted and
+        queued like a message this process accepted itself (``handler.on_queued``, which the
+        metrics wrap)."""
+        if self.scheduler.knows(queue_id):
+            return
+        if account is not None:
+            self.scheduler.expect(queue_id, account)
+        self.handler.on_queued(queue_id)
+
+    async def _stop_accepting(self, timeout: float) -> None:
+        if self._listeners is not None:
+            await stop_listeners(self._listeners, timeout=timeout)
+            self._listeners = None
+        if self.workers is not None:
+            await self.workers.stop(timeout=timeout + 5.0)
+        if self._inbox is not None:
+            await self._inbox.stop()  # what they announced while draining is taken in
+        if self.workers is not None:
+            self.workers.close()
+        close_bound(self._bound)
 
     def _start_watchdog(self) -> asyncio.Task[None] | None:
         interval = watchdog_interval()
@@ -182,14 +250,17 @@ class Daemon:
         if config.state_directory != self.config.state_directory:
             log.error("reload refused: state_directory cannot change while running")
             return
-        if self._listeners is not None:
-            try:
-                notes = self._listeners.reload(config)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                log.error("reload refused, old config still serving: listener TLS: %s", exc)
-                return
-            for note in notes:
-                log.warning("%s", note)
+        if config.accept_processes != self.config.accept_processes:
+            log.warning("accept_processes changed: takes effect at the next start")
+        try:
+            notes = Listeners.check_reload(self._bound, config)
+            if self._listeners is not None:
+                self._listeners.reload(config)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("reload refused, old config still serving: listener TLS: %s", exc)
+            return
+        for note in notes:
+            log.warning("%s", note)
         redactor.set_secrets(all_secret_values(config))
         if config.tokens_key != self.config.tokens_key:
             self.token_store = TokenStore(
@@ -202,6 +273,8 @@ class Daemon:
         self.scheduler.set_config(config)
         self.filing.set_config(config)
         self.ops.reloaded(config)
+        if self.workers is not None:
+            self.workers.reload()  # each re-reads the file the main process just accepted
         log.info("configuration reloaded from %s", config.source)
 
     async def _imap_token(self, account: AccountConfig) -> str:
@@ -226,4 +299,10 @@ def run_daemon(config_path: Path) -> int:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(Daemon(config).run())
+    daemon = Daemon(config)
+    try:
+        daemon.prepare()  # forks the accepting processes: before any event loop or thread
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return asyncio.run(daemon.run())

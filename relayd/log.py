@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import sys
+import time
 from collections.abc import Iterable
 
 __all__ = ["SecretRedactor", "configure_logging", "redactor"]
@@ -67,13 +68,14 @@ class SecretRedactor(logging.Filter):
         self._needles = sorted(needles, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for attr in ("queue_id", "account"):
-            if not hasattr(record, attr):
-                setattr(record, attr, "-")
+        fields = record.__dict__
+        if "queue_id" not in fields:
+            record.queue_id = "-"
+        if "account" not in fields:
+            record.account = "-"
         if not self._needles:
             return True
-        message = record.getMessage()
-        redacted = message
+        redacted = record.getMessage()
         for needle in self._needles:
             if needle in redacted:
                 redacted = redacted.replace(needle, "***")
@@ -82,17 +84,35 @@ class SecretRedactor(logging.Filter):
         if record.exc_text:
             for needle in self._needles:
                 record.exc_text = record.exc_text.replace(needle, "***")
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        # The formatted text replaces format and arguments, so the handler's formatter does
+        # not format the message a second time.
+        record.msg, record.args = redacted, None
         return True
 
 
 redactor = SecretRedactor()
 
 
+class _Formatter(logging.Formatter):
+    """The standard format, with the date and time text made once per second: every
+    delivery attempt logs a line, so the time is formatted hundreds of times a second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 def configure_logging(level: str = "info", stream: object = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(_Formatter(_FORMAT))
     handler.addFilter(redactor)
     root = logging.getLogger()
     for old in list(root.handlers):

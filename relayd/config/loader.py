@@ -48,6 +48,7 @@ ROOT_KEYS = (
     "helo_name",
     "log_level",
     "listen",
+    "accept_processes",
     "clients",
     "rewrite_senders",
     "spool",
@@ -134,6 +135,7 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
         helo_name=helo,
         log_level=rd.choice(f["log_level"], LOG_LEVELS) or "info",
         listeners=listeners,
+        accept_processes=_accept_processes(rd, f["accept_processes"]),
         clients=clients,
         rewrite_senders=_rewrite_senders(rd, f["rewrite_senders"]),
         spool=_spool(rd, f["spool"]),
@@ -145,6 +147,23 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
 
 
 # -- the rest of the top level ----------------------------------------------------------------
+
+MAX_ACCEPT_PROCESSES = 64
+
+
+def _accept_processes(rd: NodeReader, item: Item) -> int | None:
+    """``auto`` (the default: one per CPU, plus one), or how many processes accept SMTP
+    connections beside the main one; 0 lets the main process accept them itself."""
+    if not item.present:
+        return None
+    what = f"auto or an integer 0-{MAX_ACCEPT_PROCESSES}"
+    value = rd.text(item, what)
+    if value is None or value == "auto":
+        return None
+    if value.isascii() and value.isdigit() and int(value) <= MAX_ACCEPT_PROCESSES:
+        return int(value)
+    rd.expected(item, what)
+    return None
 
 
 def _rewrite_senders(rd: NodeReader, item: Item) -> tuple[tuple[AddressPattern, str], ...]:

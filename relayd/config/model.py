@@ -267,6 +267,9 @@ class Config:
     alerts: AlertsConfig | None
     metrics: MetricsConfig | None
     warnings: tuple[str, ...] = ()
+    # Processes accepting SMTP beside the main one (which alone schedules delivery);
+    # None: one per CPU plus one; 0: the main process accepts itself.
+    accept_processes: int | None = None
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)

@@ -13,6 +13,8 @@ from typing import Any
 
 __all__ = ["DeliveryState", "Envelope"]
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
 
 @dataclass(frozen=True)
 class Envelope:
@@ -28,9 +30,21 @@ class Envelope:
     smtputf8: bool = False
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["recipients"] = list(self.recipients)
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode()
+        # Field by field rather than dataclasses.asdict(), which deep-copies: this runs for
+        # every accepted message.
+        data = {
+            "queue_id": self.queue_id,
+            "received_at": self.received_at,
+            "client": self.client,
+            "peer": self.peer,
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "account": self.account,
+            "tenant": self.tenant,
+            "is_dsn": self.is_dsn,
+            "smtputf8": self.smtputf8,
+        }
+        return _ENCODER.encode(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:

@@ -10,7 +10,7 @@ until the next probe time, so it never slows other accounts.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 __all__ = ["PAUSE_AFTER_REFUSALS", "UNHEALTHY_AFTER_FAILURES", "AccountHealth", "AccountState"]
@@ -51,7 +51,22 @@ class AccountHealth:
         return not (self.state is AccountState.UNHEALTHY and now < self.retry_at)
 
     def on_success(self, now: float) -> AccountHealth:
-        return replace(self.on_released(), last_success_at=now)
+        base = self if self.is_clear else self.on_released()
+        return replace(base, last_success_at=now)
+
+    @property
+    def is_clear(self) -> bool:
+        """Nothing to release: what ``on_released`` returns (cheaper to ask than to build,
+        and asked after every delivered message)."""
+        return (
+            self.state is AccountState.OK
+            and not self.reason
+            and not self.credential_refusals
+            and not self.connection_failures
+            and self.paused_at is None
+            and self.alerted_at is None
+            and not self.retry_at
+        )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
         refusals = self.credential_refusals + 1
@@ -127,6 +142,9 @@ class AccountHealth:
     def with_retry_at(self, when: float) -> AccountHealth:
         return replace(self, retry_at=when)
 
+    def differs_only_in_success(self, other: AccountHealth) -> bool:
+        return all(getattr(self, name) == getattr(other, name) for name in _ALL_BUT_SUCCESS)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
@@ -138,3 +156,6 @@ class AccountHealth:
         data["state"] = AccountState(data.get("state", "ok"))
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_ALL_BUT_SUCCESS = tuple(f.name for f in fields(AccountHealth) if f.name != "last_success_at")

@@ -51,7 +51,7 @@ def identify_client(
         for client in config.clients.values():
             if unix_user in client.unix_users:
                 return client
-    if peer_ip is not None:
+    if peer_ip is not None and any(client.networks for client in config.clients.values()):
         try:
             ip = ipaddress.ip_address(peer_ip)
         except ValueError:

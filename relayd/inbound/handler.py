@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,12 +47,36 @@ __all__ = [
     "MessageSink",
     "RelaySession",
     "Transaction",
+    "hook_names",
+    "local_hostnames",
 ]
 
 log = logging.getLogger("relayd.inbound")
 
 # Postfix's smtpd_recipient_limit; RFC 5321 §4.5.3.1.8 asks for at least 100.
 MAX_RECIPIENTS = 1000
+
+
+_HOOK_PREFIXES = ("smtp_", "auth_", "handle_")
+_HOOK_NAMES: dict[type, list[str]] = {}
+
+
+def hook_names(obj: object) -> list[str]:
+    """The names aiosmtpd looks for on its protocol and handler (``smtp_*``, ``auth_*``,
+    ``handle_*``), worked out once per class."""
+    cls = type(obj)
+    names = _HOOK_NAMES.get(cls)
+    if names is None:
+        names = _HOOK_NAMES[cls] = [n for n in dir(cls) if n.startswith(_HOOK_PREFIXES)]
+    return names
+
+
+def local_hostnames(config: Config) -> frozenset[str]:
+    """Names under which local senders like ``root@<this host>`` are rewritten (SPEC rule 2)."""
+    names = {"localhost", "localhost.localdomain", socket.gethostname(), socket.getfqdn()}
+    if config.helo_name:
+        names.add(config.helo_name)
+    return frozenset(n.lower() for n in names if n)
 
 
 class RelaySession(Session):
@@ -267,6 +292,10 @@ def _size_param(mail_options: list[str]) -> int | None:
 class InboundHandler:
     """The aiosmtpd handler shared by every listener and connection of one process."""
 
+    def __dir__(self) -> list[str]:
+        # What aiosmtpd's per-connection introspection looks for (see RelaySMTP.__dir__).
+        return hook_names(self)
+
     def __init__(
         self,
         config: Config,
@@ -276,10 +305,14 @@ class InboundHandler:
         *,
         clock: Callable[[], float] = time.monotonic,
         verify: Callable[[str, str], bool] = verify_password,
+        announce: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config  # replaced on reload; read once per transaction
         self.spool = spool
         self.on_queued = on_queued
+        # In an accepting process: told (queue id, account) instead of ``on_queued``, so
+        # the scheduling process can queue the message without opening its file.
+        self.announce = announce
         self.local_hostnames = local_hostnames
         self.guard = LoginGuard(clock)
         self.credentials = CredentialCheck(verify)
@@ -420,6 +453,12 @@ class InboundHandler:
             helo_name=config.helo_name,
             rewrite=rewrite,
         )
-        return MessageSink(
-            self.spool, record, policy, config.spool.max_message_size, self.on_queued
-        )
+        on_queued = self.on_queued
+        announce = self.announce
+        if announce is not None:
+            address = account.address
+
+            def on_queued(queue_id: str) -> None:
+                announce(queue_id, address)
+
+        return MessageSink(self.spool, record, policy, config.spool.max_message_size, on_queued)

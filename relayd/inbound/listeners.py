@@ -1,9 +1,13 @@
 """relayd's SMTP listeners on the running event loop: TCP, STARTTLS, implicit TLS, unix.
 
-Each ``listen:`` entry becomes one asyncio server whose protocol is ``RelaySMTP`` (aiosmtpd's
-``Controller`` would run its own loop in a thread; relayd serves on the daemon's loop). All
-servers share one ``InboundHandler``, so a reload that replaces ``handler.config`` applies to
-every listener at the next transaction.
+Each ``listen:`` entry becomes asyncio servers whose protocol is ``RelaySMTP`` (aiosmtpd's
+``Controller`` would run its own loop in a thread; relayd serves on the process's loop). All
+servers of a process share one ``InboundHandler``, so a reload that replaces
+``handler.config`` applies to every listener at the next transaction.
+
+Binding is separate from serving (``bind_listeners``): the main process binds every socket
+before it forks its accepting processes, which all serve the same listening sockets (the
+kernel hands each new connection to one of them), and keeps them while they come and go.
 """
 
 from __future__ import annotations
@@ -15,14 +19,26 @@ import socket
 import ssl
 import stat
 import weakref
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayd.config.model import Config, ListenerConfig, TlsMode
 from relayd.inbound.handler import InboundHandler
 from relayd.inbound.server import RelaySMTP
 
-__all__ = ["Listeners", "server_tls_context", "start_listeners", "stop_listeners"]
+__all__ = [
+    "BoundListener",
+    "Listeners",
+    "bind_listeners",
+    "close_bound",
+    "server_tls_context",
+    "start_listeners",
+    "stop_listeners",
+]
+
+# The accept queue shared by every process serving a listener (capped by net.core.somaxconn).
+_BACKLOG = 1024
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -40,8 +56,16 @@ def server_tls_context(listener: ListenerConfig) -> ssl.SSLContext:
 @dataclass
 class _Listener:
     config: ListenerConfig
-    server: asyncio.Server | None = None
+    servers: list[asyncio.Server] = field(default_factory=list)
     context: ssl.SSLContext | None = None  # STARTTLS: read per connection, swapped on reload
+
+
+@dataclass
+class BoundListener:
+    """The listening sockets of one ``listen:`` entry (several for a name like localhost)."""
+
+    config: ListenerConfig
+    sockets: list[socket.socket]
 
 
 def _unix_socket_in_use(path: Path) -> bool:
@@ -66,17 +90,125 @@ def _clear_stale_socket(path: Path) -> None:
     path.unlink()
 
 
-class Listeners:
-    """The running listeners of one process."""
+def _bind_tcp(listener: ListenerConfig) -> list[socket.socket]:
+    """As asyncio's create_server binds: every address the host name resolves to, with
+    SO_REUSEADDR, and IPv6 sockets IPv6-only (an IPv4 address gets its own socket)."""
+    assert listener.tcp_port is not None
+    infos = socket.getaddrinfo(
+        listener.tcp_host or None,
+        listener.tcp_port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
+    )
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{listener.display}: cannot listen: {exc.strerror}"
+                ) from None
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
 
-    def __init__(self, handler: InboundHandler) -> None:
+
+def _bind_unix(path: Path) -> socket.socket:
+    _clear_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        # Anyone may connect: the identity is the peer's uid (SO_PEERCRED), not the mode.
+        os.chmod(path, 0o666)
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_listeners(listeners: Sequence[ListenerConfig]) -> list[BoundListener]:
+    """Bind and listen on every listener (raises OSError naming the one that failed; those
+    already bound are closed again). Nothing is served until ``start_listeners``."""
+    bound: list[BoundListener] = []
+    try:
+        for listener in listeners:
+            if listener.unix_path is not None:
+                bound.append(BoundListener(listener, [_bind_unix(listener.unix_path)]))
+            else:
+                bound.append(BoundListener(listener, _bind_tcp(listener)))
+    except BaseException:
+        close_bound(bound)
+        raise
+    return bound
+
+
+def close_bound(bound: Sequence[BoundListener], *, remove_paths: bool = True) -> None:
+    """Close the sockets of ``bind_listeners`` (and remove the unix socket files)."""
+    for entry in bound:
+        for sock in entry.sockets:
+            sock.close()
+        if remove_paths and entry.config.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                entry.config.unix_path.unlink()
+
+
+def _plan_reload(
+    current: Sequence[ListenerConfig], config: Config
+) -> tuple[list[str], dict[str, tuple[ListenerConfig, ssl.SSLContext | None]]]:
+    """Notes on what needs a restart, and per running listener its new config and context."""
+    by_address = {listener.display: listener for listener in config.listeners}
+    running = {listener.display for listener in current}
+    notes = [
+        f"{listener.display}: new listener, opened at the next start"
+        for listener in config.listeners
+        if listener.display not in running
+    ]
+    contexts: dict[str, tuple[ListenerConfig, ssl.SSLContext | None]] = {}
+    for old in current:
+        new = by_address.get(old.display)
+        if new is None:
+            notes.append(f"{old.display}: removed, closed at the next start")
+        elif new.tls is not old.tls:
+            notes.append(f"{new.display}: tls changed, takes effect at the next start")
+        else:
+            context = server_tls_context(new) if new.tls is not TlsMode.NONE else None
+            contexts[old.display] = (new, context)
+    return notes, contexts
+
+
+class Listeners:
+    """The running listeners of one process.
+
+    ``owns_paths``: this process created the unix sockets and removes their files when it
+    closes (an accepting process shares the main process's sockets and leaves them).
+    """
+
+    def __init__(self, handler: InboundHandler, *, owns_paths: bool = True) -> None:
         self.handler = handler
+        self.owns_paths = owns_paths
         self._listeners: list[_Listener] = []
         self._connections: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
 
     @property
     def servers(self) -> list[asyncio.Server]:
-        return [entry.server for entry in self._listeners if entry.server is not None]
+        return [server for entry in self._listeners for server in entry.servers]
+
+    @property
+    def in_data(self) -> int:
+        """Connections between 354 and their reply right now."""
+        return sum(1 for c in self._connections if c.in_data)
 
     def addresses(self) -> list[str]:
         """Where the servers listen, resolved (port 0 becomes the port the kernel chose)."""
@@ -91,9 +223,11 @@ class Listeners:
                     found.append(f"unix:{name}")
         return found
 
-    async def _start(self, listener: ListenerConfig) -> None:
+    async def _start(self, bound: BoundListener) -> None:
         loop = asyncio.get_running_loop()
+        listener = bound.config
         entry = _Listener(listener)
+        self._listeners.append(entry)  # closed with the others if a later one fails
         implicit: ssl.SSLContext | None = None
         if listener.tls is TlsMode.STARTTLS:
             entry.context = server_tls_context(listener)
@@ -113,22 +247,17 @@ class Listeners:
             connections.add(smtp)
             return smtp
 
-        if listener.unix_path is not None:
-            _clear_stale_socket(listener.unix_path)
-            entry.server = await loop.create_unix_server(protocol, path=str(listener.unix_path))
-            # Anyone may connect: the identity is the peer's uid (SO_PEERCRED), not the mode.
-            os.chmod(listener.unix_path, 0o666)
-        else:
-            assert listener.tcp_port is not None
-            entry.server = await loop.create_server(
-                protocol,
-                host=listener.tcp_host,
-                port=listener.tcp_port,
-                ssl=implicit,
-                reuse_address=True,
-                ssl_handshake_timeout=30.0 if implicit is not None else None,
-            )
-        self._listeners.append(entry)
+        for sock in bound.sockets:
+            if listener.unix_path is not None:
+                server = await loop.create_unix_server(protocol, sock=sock)
+            else:
+                server = await loop.create_server(
+                    protocol,
+                    sock=sock,
+                    ssl=implicit,
+                    ssl_handshake_timeout=30.0 if implicit is not None else None,
+                )
+            entry.servers.append(server)
 
     def reload(self, config: Config) -> list[str]:
         """Apply a reloaded config (SIGHUP) to the running listeners: certificates are
@@ -138,23 +267,11 @@ class Listeners:
         ssl.SSLError, ValueError) and the old settings keep serving. What only a restart can
         change (listeners added or removed, TLS turned on or off) is returned as notes.
         """
-        by_address = {listener.display: listener for listener in config.listeners}
-        notes = [
-            f"{listener.display}: new listener, opened at the next start"
-            for listener in config.listeners
-            if listener.display not in {e.config.display for e in self._listeners}
-        ]
-        updates: list[tuple[_Listener, ListenerConfig, ssl.SSLContext | None]] = []
+        notes, contexts = _plan_reload([e.config for e in self._listeners], config)
         for entry in self._listeners:
-            new = by_address.get(entry.config.display)
-            if new is None:
-                notes.append(f"{entry.config.display}: removed, closed at the next start")
-            elif new.tls is not entry.config.tls:
-                notes.append(f"{new.display}: tls changed, takes effect at the next start")
-            else:
-                context = server_tls_context(new) if new.tls is not TlsMode.NONE else None
-                updates.append((entry, new, context))
-        for entry, new, context in updates:
+            if entry.config.display not in contexts:
+                continue
+            new, context = contexts[entry.config.display]
             if new.tls is TlsMode.STARTTLS:
                 entry.context = context  # new connections get it; running ones keep theirs
             elif context is not None and entry.context is not None:
@@ -164,6 +281,13 @@ class Listeners:
                 entry.context.load_cert_chain(new.certificate, new.private_key)
             entry.config = new
         return notes
+
+    @staticmethod
+    def check_reload(bound: Sequence[BoundListener], config: Config) -> list[str]:
+        """What ``reload`` would say, with every certificate loaded once to prove it works
+        (raises like ``reload``): the main process's check before its accepting processes
+        are told to reload."""
+        return _plan_reload([b.config for b in bound], config)[0]
 
     async def close(self, grace: float = 30.0) -> None:
         """Stop accepting, let messages in DATA finish (up to ``grace`` seconds), then end
@@ -180,21 +304,31 @@ class Listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), timeout=5.0)
         for entry in self._listeners:
-            if entry.config.unix_path is not None:
+            if self.owns_paths and entry.config.unix_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     entry.config.unix_path.unlink()
         self._listeners.clear()
 
 
-async def start_listeners(config: Config, handler: InboundHandler) -> Listeners:
-    """Open one server per ``listen:`` entry. If any cannot be opened (address in use, bad
-    certificate), those already open are closed and the error is raised."""
-    listeners = Listeners(handler)
+async def start_listeners(
+    config: Config,
+    handler: InboundHandler,
+    bound: Sequence[BoundListener] | None = None,
+    *,
+    owns_paths: bool = True,
+) -> Listeners:
+    """Serve every ``listen:`` entry, on ``bound`` sockets (from ``bind_listeners``) or on
+    sockets bound here. If any cannot be served (bad certificate), those already serving are
+    closed and the error is raised."""
+    if bound is None:
+        bound = bind_listeners(config.listeners)
+    listeners = Listeners(handler, owns_paths=owns_paths)
     try:
-        for listener in config.listeners:
-            await listeners._start(listener)
+        for entry in bound:
+            await listeners._start(entry)
     except BaseException:
         await listeners.close(grace=0)
+        close_bound(bound, remove_paths=owns_paths)
         raise
     return listeners
 

@@ -32,7 +32,13 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relayd.config.model import AuthPolicy, ListenerConfig
 from relayd.inbound.data import HEADER_TOO_LARGE_REPLY, DataDecoder, HeaderSection
-from relayd.inbound.handler import InboundHandler, MessageSink, RelaySession, Transaction
+from relayd.inbound.handler import (
+    InboundHandler,
+    MessageSink,
+    RelaySession,
+    Transaction,
+    hook_names,
+)
 
 __all__ = [
     "STORAGE_REPLY",
@@ -108,6 +114,8 @@ def auth_offered(listener: ListenerConfig, tls_active: bool) -> bool:
 def _plain_ip(ip: str) -> str:
     """``::ffff:192.0.2.1`` (an IPv4 client of a dual-stack listener) → ``192.0.2.1``, so
     that it matches a client's IPv4 ``networks``."""
+    if ":" not in ip:
+        return ip  # IPv4 already (parsing it costs more than the rest of the connection set-up)
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -261,6 +269,12 @@ class _MessageStream:
 class RelaySMTP(SMTP):
     """One SMTP connection on one listener."""
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's constructor finds its command and AUTH methods with dir() and
+        # inspect.getmembers(), which evaluates every attribute, on every new connection:
+        # over a tenth of an accepting process's time. Those methods are all it looks for.
+        return hook_names(self)
+
     def __init__(
         self,
         handler: InboundHandler,
@@ -290,6 +304,7 @@ class RelaySMTP(SMTP):
             lambda: SMTP.command_size_limit, {"MAIL": _MAIL_LINE_LIMIT}
         )
         self.in_data = False  # between 354 and the reply: a shutdown waits for it
+        self._deadline = 0.0  # of the idle timeout (see _reset_timeout)
         self._greeted = False
         self._plain_replies = False
 
@@ -322,6 +337,24 @@ class RelaySMTP(SMTP):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             session.peer_ip, session.peer_port = _plain_ip(str(peer[0])), int(peer[1])
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and creates a timer for every command (and every DATA block);
+        # here one timer per connection is moved forward lazily: it checks the deadline
+        # when it fires and sets itself again if the client was active meanwhile.
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(deadline, self._check_timeout)
+
+    def _check_timeout(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def close_now(self) -> None:
         """End the session as QUIT does (the reply already written is still sent)."""

@@ -6,11 +6,17 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from relayd.core.health import AccountHealth
 
-__all__ = ["AccountStore"]
+__all__ = ["HEALTH_SAVE_SECONDS", "AccountStore", "HealthBook"]
+
+# An account's health is written at once when its state changes; a success that only moves
+# ``last_success_at`` is written at most this often (it is shown by `relayd status`).
+HEALTH_SAVE_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +70,60 @@ class AccountStore:
         finally:
             os.close(fd)
         os.rename(tmp, path)
+
+
+class HealthBook:
+    """Every account's health, in memory and in the ``AccountStore``.
+
+    A change of state (a pause above all) is written, fsync'd, before ``set`` returns. A
+    delivery that only moves ``last_success_at`` is not worth an fsync'd write per message:
+    it is written with the next change, by ``flush`` (the scheduler's timer, at most
+    ``HEALTH_SAVE_SECONDS`` later, and at stop), or when the last write is that old.
+    """
+
+    def __init__(self, store: AccountStore) -> None:
+        self.store = store
+        self._health: dict[str, AccountHealth] = {}
+        self._saved_at: dict[str, float] = {}
+        self._unsaved: set[str] = set()
+
+    def load(self) -> None:
+        self._health = self.store.load_all()
+
+    def get(self, address: str) -> AccountHealth:
+        address = address.lower()
+        if address not in self._health:
+            self._health[address] = AccountHealth(address=address)
+        return self._health[address]
+
+    def __iter__(self) -> Iterator[AccountHealth]:
+        return iter(list(self._health.values()))
+
+    @property
+    def unsaved(self) -> bool:
+        return bool(self._unsaved)
+
+    def set(self, health: AccountHealth) -> None:
+        old = self._health.get(health.address)
+        if old == health:
+            return
+        self._health[health.address] = health
+        now = time.monotonic()
+        if (
+            old is not None
+            and old.differs_only_in_success(health)
+            and now - self._saved_at.get(health.address, -HEALTH_SAVE_SECONDS)
+            < HEALTH_SAVE_SECONDS
+        ):
+            self._unsaved.add(health.address)
+            return
+        self._unsaved.discard(health.address)
+        self._saved_at[health.address] = now
+        self.store.save(health)
+
+    def flush(self) -> None:
+        for address in sorted(self._unsaved):
+            self._saved_at[address] = time.monotonic()
+            self.store.save(self._health[address])
+        self._unsaved.clear()
+

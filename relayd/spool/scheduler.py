@@ -6,6 +6,10 @@ keeping its upstream session open across messages (one login, many messages — 
 does not run, so it never slows another account. Deferred messages wait on one timer heap.
 Decisions about what an attempt means live in ``relayd.core``; this module only moves files
 and tasks accordingly.
+
+Messages come in through ``accept_new`` (accepted here or announced by an accepting process,
+relayd.spool.arrivals), ``submit`` (released, retried, relayd's own mail) and, at start, the
+intake (relayd.spool.intake), which lists the spool before READY and reads envelopes after.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import heapq
 import logging
 import random
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
-from relayd.core.envelope import Envelope
+from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.health import AccountHealth, AccountState
 from relayd.core.retry import next_delay
 from relayd.core.routing import find_account
@@ -31,7 +36,8 @@ from relayd.core.sentcopy import awaits_filing
 from relayd.core.states import Plan, Target, plan_after_attempt
 from relayd.errors import SpoolError
 from relayd.ops.events import DeliveryEvents, is_operator_hold, set_operator_hold
-from relayd.spool.accounts import AccountStore
+from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
+from relayd.spool.intake import SpoolIntake
 from relayd.spool.store import Spool, StoredMessage, new_queue_id
 from relayd.sync.backlog import FILING_QUEUE
 from relayd.sync.filing import FilingStage
@@ -44,6 +50,8 @@ __all__ = ["Scheduler", "credentials_fingerprint"]
 log = logging.getLogger(__name__)
 
 IDLE_SESSION_SECONDS = 30.0
+# A message file up to this size is read whole, with its envelope, at the attempt.
+PRELOAD_BYTES = 1 << 18
 
 
 def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
@@ -105,10 +113,16 @@ class Scheduler:
         self.rand = rand
         self.reporting_host = config.helo_name or socket.getfqdn()
         self._lanes: dict[str, _Lane] = {}
-        self._health: dict[str, AccountHealth] = {}
+        self._health = HealthBook(accounts)
         self._timers: list[tuple[float, str]] = []  # (due, queue id) for deferred/
         self._where: dict[str, str] = {}  # queue id -> queue directory
         self._account_of: dict[str, str] = {}  # queue id -> account address
+        self._queued: set[str] = set()  # queue ids in some lane's ready queue
+        # Accepted since the start and never attempted: no delivery state file exists, so
+        # the attempt need not look for one (a system call per message saved).
+        self._fresh: set[str] = set()
+        self._announced: dict[str, str] = {}  # queue id -> account, see expect()
+        self.intake = SpoolIntake(self)
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,19 +133,12 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load account states and the spool (after recovery) and start the timer."""
-        self._health = self.accounts.load_all()
+        """Load account states, list the spool (after recovery; names only, the envelopes
+        are read in the background: relayd.spool.intake) and start the timer."""
+        self._health.load()
         self.apply_credentials()
-        for qid in self.spool.list("incoming"):
-            self.submit(qid)
-        for qid in self.spool.list("deferred"):
-            state = self.spool.read_state(qid)
-            self._where[qid] = "deferred"
-            heapq.heappush(self._timers, (state.next_attempt_at, qid))
-        for qid in self.spool.list("hold"):
-            self._where[qid] = "hold"
-            self._note_account(qid, "hold")
-        self._release_unpaused_holds()
+        self.intake.list_spool()
+        self.intake.start()
         self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -144,10 +151,12 @@ class Scheduler:
                 task.cancel()  # the message stays in active/ and is retried after restart
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        await self.intake.stop()
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
+        self._health.flush()
         for lane in self._lanes.values():
             for session in lane.idle:
                 await session.quit()
@@ -161,15 +170,10 @@ class Scheduler:
     # -- health -------------------------------------------------------------------------
 
     def health(self, address: str) -> AccountHealth:
-        address = address.lower()
-        if address not in self._health:
-            self._health[address] = AccountHealth(address=address)
-        return self._health[address]
+        return self._health.get(address)
 
     def _set_health(self, health: AccountHealth) -> None:
-        if self._health.get(health.address) != health:
-            self._health[health.address] = health
-            self.accounts.save(health)
+        self._health.set(health)
 
     def apply_credentials(self) -> None:
         """A paused account whose credentials changed gets a fresh chance (SPEC)."""
@@ -204,17 +208,79 @@ class Scheduler:
 
     # -- intake -------------------------------------------------------------------------
 
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self._where
+
+    def expect(self, queue_id: str, account: str) -> None:
+        """The account of a message about to be handed to ``accept_new``, as its accepting
+        process announced it: the file need not be read now (the attempt checks it)."""
+        self._announced[queue_id] = sys.intern(account)
+
+    def accept_new(self, queue_id: str) -> None:
+        """A client got its 250 for this message (from this process or an accepting one):
+        queue it, unless it is already known (announced and found by a scan, say)."""
+        account = self._announced.pop(queue_id, None)
+        if self._stopping or queue_id in self._where:
+            return
+        if account is None:
+            try:
+                msg = self.spool.load_if_present(queue_id, "incoming")
+            except SpoolError as exc:
+                self.spool.quarantine(queue_id, "incoming", str(exc))
+                return
+            if msg is None:
+                return  # delivered and gone already
+            account = msg.envelope.account
+        self._fresh.add(queue_id)
+        self._make_ready(queue_id, account)
+
     def submit(self, queue_id: str) -> None:
-        """A message is durable in incoming/ (new, recovered or released): queue it."""
-        if self._stopping:
+        """A message is durable in incoming/ (recovered, released, retried): queue it."""
+        if self._stopping or queue_id in self._queued:
             return
         self._where[queue_id] = "incoming"
         account = self._note_account(queue_id, "incoming")
         if account is None:
             return
+        self._make_ready(queue_id, account)
+
+    def _make_ready(self, queue_id: str, account: str) -> None:
+        self._where[queue_id] = "incoming"
+        self._account_of[queue_id] = account
         lane = self._lanes.setdefault(account, _Lane(account))
         lane.ready.append(queue_id)
+        self._queued.add(queue_id)
         self._spawn_workers(lane)
+
+    def reserve(self, queue_id: str, queue: str) -> bool:
+        """Start-up intake: the message is known by name; its envelope is read later."""
+        if queue_id in self._where:
+            return False
+        self._where[queue_id] = queue
+        return True
+
+    def is_reserved(self, queue_id: str, queue: str) -> bool:
+        return self._where.get(queue_id) == queue and queue_id not in self._account_of
+
+    def place(
+        self, queue_id: str, queue: str, account: str, state: DeliveryState | None
+    ) -> None:
+        """Start-up intake: the envelope of a reserved message has been read."""
+        if queue == "incoming":
+            if not self._stopping:
+                self._make_ready(queue_id, account)
+            return
+        self._account_of[queue_id] = account
+        if queue == "deferred":
+            due = state.next_attempt_at if state is not None else 0.0
+            heapq.heappush(self._timers, (due, queue_id))
+            self._wake.set()
+
+    def intake_done(self) -> None:
+        self._release_unpaused_holds()
+
+    def forget(self, queue_id: str) -> None:
+        self._forget(queue_id)
 
     def _note_account(self, queue_id: str, queue: str) -> str | None:
         try:
@@ -231,6 +297,7 @@ class Scheduler:
     def _forget(self, queue_id: str) -> None:
         self._where.pop(queue_id, None)
         self._account_of.pop(queue_id, None)
+        self._fresh.discard(queue_id)
 
     def _spawn_workers(self, lane: _Lane) -> None:
         account = self._account_config(lane.account)
@@ -263,7 +330,11 @@ class Scheduler:
                     continue
                 self.submit(qid)
             self._probe_paused(now)
+            if self._health.unsaved:
+                self._health.flush()
             delay = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
+            if self._health.unsaved:
+                delay = min(delay, HEALTH_SAVE_SECONDS)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
@@ -286,6 +357,7 @@ class Scheduler:
         try:
             while lane.ready and not self._stopping:
                 qid = lane.ready.popleft()
+                self._queued.discard(qid)
                 await self._respect_rate_limit(lane)
                 try:
                     session = await self._attempt(lane, qid, session)
@@ -331,9 +403,11 @@ class Scheduler:
         self, lane: _Lane, qid: str, session: UpstreamSession | None
     ) -> UpstreamSession | None:
         queue = self._where.get(qid, "incoming")
+        fresh = qid in self._fresh
+        self._fresh.discard(qid)
         try:
             self.spool.move(qid, queue, "active")
-            msg = self.spool.load(qid, "active")
+            msg = self.spool.load(qid, "active", preload=PRELOAD_BYTES)
         except FileNotFoundError:
             self._forget(qid)  # deleted by the operator meanwhile
             return session
@@ -360,7 +434,7 @@ class Scheduler:
             self._park(qid, "deferred")
             self._defer(qid, now + self.config.spool.retry.max)
             return session
-        state = self.spool.read_state(qid)
+        state = DeliveryState() if fresh else self.spool.read_state(qid)
         if awaits_filing(state):
             # Delivered already; only its IMAP filing is left (an operator hold and release
             # can bring it back here). It never goes upstream again.
@@ -370,9 +444,10 @@ class Scheduler:
                 self.filing.resume(qid)
             return session
         pending = state.pending(envelope)
-        content = await asyncio.to_thread(msg.read_content)
+        # The spooled message itself: small ones were read with the envelope, big ones are
+        # streamed from the file block by block (relayd.upstream.dataphase).
         report, session = await self.deliverer.attempt(
-            account, envelope.sender, pending, content, session, smtputf8=envelope.smtputf8
+            account, envelope.sender, pending, msg, session, smtputf8=envelope.smtputf8
         )
         lane.logins += report.sessions_opened
         now = self.clock()
@@ -388,7 +463,7 @@ class Scheduler:
             account_paused=paused,
         )
         self._log_attempt(msg, plan, report, now, logx)
-        await self._carry_out(msg, account, plan, logx)
+        await self._carry_out(msg, account, plan, logx, has_state=not fresh)
         return session
 
     def _apply_signal(
@@ -438,6 +513,7 @@ class Scheduler:
         if lane is not None:
             while lane.ready:
                 qid = lane.ready.popleft()
+                self._queued.discard(qid)
                 self._park(qid, "hold")
         for qid, queue in list(self._where.items()):
             if queue == "deferred" and self._account_of.get(qid) == address:
@@ -486,7 +562,13 @@ class Scheduler:
             self.events.mail_expired(msg.envelope, tuple(b.recipient for b in plan.bounce))
 
     async def _carry_out(
-        self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
+        self,
+        msg: StoredMessage,
+        account: AccountConfig,
+        plan: Plan,
+        logx: dict[str, str],
+        *,
+        has_state: bool = True,
     ) -> None:
         qid = msg.queue_id
         if plan.bounce:
@@ -495,7 +577,9 @@ class Scheduler:
             # The Sent copy is a step of its own: the message moves to copy/ and is the
             # filing stage's from here, so IMAP trouble never sends it again.
             if self.filing is None or not self.filing.take_delivered(msg, account, plan.state):
-                self.spool.remove(qid, "active")
+                # (A state file the filing stage wrote and could not use is an orphan that
+                # the next start's recovery removes.)
+                self.spool.retire(qid, "active", has_state=has_state)
             self._forget(qid)
             return
         self.spool.write_state(qid, plan.state)
@@ -568,7 +652,7 @@ class Scheduler:
     # -- paused accounts ----------------------------------------------------------------
 
     def _probe_paused(self, now: float) -> None:
-        for health in list(self._health.values()):
+        for health in self._health:
             if not health.paused or now < health.retry_at:
                 continue
             lane = self._lanes.setdefault(health.address, _Lane(health.address))
@@ -620,7 +704,7 @@ class Scheduler:
     def retry_unhealthy_now(self, account: str | None = None) -> None:
         """An operator's flush also ends the wait of upstreams marked unhealthy (not pauses:
         those need fixed credentials, not another try)."""
-        for health in list(self._health.values()):
+        for health in self._health:
             if health.state is AccountState.UNHEALTHY and account in (None, health.address):
                 self._set_health(health.with_retry_at(0.0))
 
@@ -634,6 +718,8 @@ class Scheduler:
         lane = self._lanes.get(self._account_of.get(queue_id, ""))
         if lane is not None and queue_id in lane.ready:
             lane.ready.remove(queue_id)
+        self._queued.discard(queue_id)
+        self._fresh.discard(queue_id)  # set_operator_hold writes its delivery state
         set_operator_hold(self.spool, queue_id, True)
         self._park(queue_id, "hold", source=queue)
         self._note_account(queue_id, "hold")
@@ -660,6 +746,7 @@ class Scheduler:
         lane = self._lanes.get(self._account_of.get(queue_id, ""))
         if lane is not None and queue_id in lane.ready:
             lane.ready.remove(queue_id)
+        self._queued.discard(queue_id)
         self.spool.remove(queue_id, queue)
         self._forget(queue_id)
         return True

@@ -11,6 +11,10 @@ Layout under ``<state_directory>/spool`` (directories 0700, files 0600)::
                 sent upstream again (relayd.sync)
     corrupt/    quarantined at start: truncated or unreadable, never sent
     state/      <id>.json, the delivery state after an attempt (absent = never tried)
+    spare/      empty files made ahead of need by accepting processes; removed at start
+    free/       files of delivered messages, to be overwritten by new receptions rather
+                than deleted (see ``retire``); not a queue: nothing in it is ever sent,
+                and it is emptied at start
 
 A message file is ``header line, envelope JSON, content, trailer``; the trailer records the
 content length, so a file cut short by a crash is recognised and quarantined rather than sent
@@ -25,20 +29,27 @@ state change is a rename, so several processes can share one spool.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import secrets
+import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.sentcopy import awaits_filing
 from relayd.errors import SpoolError
+from relayd.spool.reception import (
+    MAGIC,
+    TRAILER_LEN,
+    GroupCommitter,
+    Reception,
+    SpareFiles,
+    fsync_dir,
+    trailer,
+)
 
 __all__ = [
     "QUEUES",
@@ -53,27 +64,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 QUEUES = ("incoming", "active", "deferred", "hold", "corrupt", "copy")
-_MAGIC = b"RELAYD1 "
-_TRAILER_PREFIX = b"\r\nRELAYD-END "
-_TRAILER_LEN = len(_TRAILER_PREFIX) + 16 + 2  # 16 hex digits of content length + CRLF
-_WRITE_BUFFER = 1 << 16
+# The on-disk format, as relayd.spool.reception writes it (the benchmark writes it too).
+_MAGIC = MAGIC
+SPARE = "spare"
+FREE = "free"
+# At most this many delivered files wait in free/ to be reused.
+FREE_FILES = 512
+_TRAILER_LEN = TRAILER_LEN
+_trailer = trailer
+_fsync_dir = fsync_dir
+# The first read of a message file: enough for the envelope of nearly every message.
+_HEAD_READ = 1 << 13
 
 
 def new_queue_id() -> str:
-    """Sortable by arrival, unique across processes sharing the spool."""
-    return f"{time.time_ns() // 1000:014X}{secrets.randbelow(1 << 24):06X}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _trailer(length: int) -> bytes:
-    return _TRAILER_PREFIX + f"{length:016X}".encode() + b"\r\n"
+    """Sortable by arrival, unique across processes sharing the spool (the random part
+    needs no secrecy, and ``random`` is reseeded in every forked process)."""
+    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,22 @@ class StoredMessage:
     envelope: Envelope
     content_offset: int
     content_length: int
+    # The content, when the file was small enough to be read whole with its envelope.
+    preloaded: bytes | None = field(default=None, repr=False, compare=False)
 
     def read_content(self) -> bytes:
+        if self.preloaded is not None:
+            return self.preloaded
         with open(self.path, "rb") as f:
             f.seek(self.content_offset)
             return f.read(self.content_length)
 
     def iter_content(self, chunk_size: int = 1 << 16) -> Iterator[bytes]:
-        with open(self.path, "rb") as f:
+        if self.preloaded is not None:
+            for start in range(0, len(self.preloaded), chunk_size):
+                yield self.preloaded[start : start + chunk_size]
+            return
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.content_offset)
             left = self.content_length
             while left > 0:
@@ -110,146 +125,33 @@ class RecoveryReport:
     queued: int = 0
 
 
-class Reception:
-    """A message being received: write its content, then ``await commit()`` or ``abort()``."""
-
-    def __init__(self, spool: Spool, envelope: Envelope) -> None:
-        self.spool = spool
-        self.envelope = envelope
-        self.queue_id = envelope.queue_id
-        self.tmp_path = spool.root / "tmp" / self.queue_id
-        self.length = 0
-        self._file: BinaryIO | None = None
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            self._file = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-            header = envelope.to_json()
-            self._file.write(_MAGIC + f"{len(header)}".encode() + b"\r\n" + header + b"\r\n")
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, chunk: bytes) -> None:
-        """Append content; an OSError here (disk full) means the caller must abort."""
-        assert self._file is not None, "reception already finished"
-        self._file.write(chunk)
-        self.length += len(chunk)
-
-    def finish_file(self) -> None:
-        """Write the trailer and flush; called from the committer's thread before fsync."""
-        assert self._file is not None
-        self._file.write(_trailer(self.length))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-
-    async def commit(self) -> str:
-        """Make the message durable in ``incoming/``; returns the queue id. Raises SpoolError."""
-        # Once queued, the reception belongs to the committer's thread: a client hanging up
-        # (aiosmtpd cancels its handler) must not pull the file from under it. The message
-        # then lands in incoming/ without a 250 having been sent — at worst a duplicate when
-        # the client retries, never a loss.
-        try:
-            await asyncio.shield(self.spool.committer.commit(self))
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            self.abort()
-            raise
-        return self.queue_id
-
-    def abort(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
-
-
-class GroupCommitter:
-    """Batches the fsyncs of receptions that finish at about the same time.
-
-    While one batch is being synced in a worker thread, new commits queue up; the next batch
-    takes them all, so N concurrent connections cost about one directory fsync, not N.
-    No reception is acknowledged before its own file and the directory entry are durable.
-    """
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-        self._pending: list[tuple[Reception, asyncio.Future[None]]] = []
-        self._running = False
-        self._drainer: asyncio.Task[None] | None = None
-
-    async def commit(self, reception: Reception) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((reception, done))
-        if not self._running:
-            self._running = True
-            self._drainer = loop.create_task(self._drain())
-        await done
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await asyncio.to_thread(self._sync_batch, [r for r, _ in batch])
-                except Exception as exc:  # a broken thread pool: fail the whole batch
-                    results = [exc] * len(batch)
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
-                        continue
-                    if result is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(result)
-        finally:
-            self._running = False
-
-    def _sync_batch(self, receptions: list[Reception]) -> list[Exception | None]:
-        results: list[Exception | None] = []
-        incoming = self.spool.root / "incoming"
-        moved: list[str] = []
-        for reception in receptions:
-            if reception._file is None:
-                results.append(SpoolError(f"{reception.queue_id}: reception was aborted"))
-                continue
-            try:
-                if self.spool.fsync:
-                    reception.finish_file()
-                else:
-                    assert reception._file is not None
-                    reception._file.write(_trailer(reception.length))
-                    reception._file.close()
-                    reception._file = None
-                os.rename(reception.tmp_path, incoming / reception.queue_id)
-                moved.append(reception.queue_id)
-                results.append(None)
-            except OSError as exc:
-                reception.abort()
-                results.append(SpoolError(f"{reception.queue_id}: cannot commit: {exc.strerror}"))
-        if moved and self.spool.fsync:
-            try:
-                _fsync_dir(incoming)
-            except OSError as exc:
-                # Not durable, so not accepted: take the files back out before the clients
-                # hear 452, or a message they will resend would also go out from here.
-                for queue_id in moved:
-                    with contextlib.suppress(FileNotFoundError):
-                        (incoming / queue_id).unlink()
-                err = SpoolError(f"cannot sync spool directory: {exc.strerror}")
-                results = [err if r is None else r for r in results]
-        return results
-
-
 class Spool:
-    def __init__(self, state_directory: Path, *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        state_directory: Path,
+        *,
+        fsync: bool = True,
+        commit_in_loop: bool = False,
+        spare_files: int = 0,
+        reuse_files: bool = False,
+        share: tuple[int, int] = (0, 1),
+    ) -> None:
+        """``commit_in_loop`` and ``spare_files``: for a process that only receives (see
+        ``GroupCommitter`` and ``SpareFiles``); ``reuse_files``: ``retire`` keeps files
+        for such processes to reuse."""
         self.root = state_directory / "spool"
+        # "<root>/<queue>/" as text: the hot paths join names without pathlib.
+        self._dirs = {name: f"{self.root}/{name}/" for name in ("tmp", *QUEUES, "state", FREE)}
+        self.reuse_files = reuse_files
+        self._free_estimate = 0  # files in free/, counted again now and then (see retire)
+        self._retired = 0
         self.fsync = fsync
-        self.committer = GroupCommitter(self)
+        self.committer = GroupCommitter(self, in_loop=commit_in_loop)
+        self.spares = (
+            SpareFiles(self.root / SPARE, self.root / FREE, spare_files, share)
+            if spare_files
+            else None
+        )
 
     # -- set-up and recovery ------------------------------------------------------------
 
@@ -257,13 +159,19 @@ class Spool:
         old_umask = os.umask(0o077)
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for name in ("tmp", *QUEUES, "state"):
+            for name in ("tmp", *QUEUES, "state", SPARE, FREE):
                 (self.root / name).mkdir(mode=0o700, exist_ok=True)
         finally:
             os.umask(old_umask)
 
-    def recover(self) -> RecoveryReport:
-        """At start, before accepting: no reception is in progress, no delivery runs."""
+    def recover(self, *, check_files: bool = True) -> RecoveryReport:
+        """At start, before accepting: no reception is in progress, no delivery runs.
+
+        With ``check_files`` false only names are looked at (and the delivery state of what
+        was in ``active/``): a big spool is ready in a fraction of a second, and whoever
+        reads a file first (the scheduler's intake, or the attempt) quarantines it if it
+        is damaged, so a truncated file is still never sent.
+        """
         self.prepare()
         report = RecoveryReport()
         for path in (self.root / "tmp").iterdir():
@@ -271,6 +179,10 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 report.removed_temp += 1
+        for directory in (SPARE, FREE):
+            for name in os.listdir(self.root / directory):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / directory / name)
         for path in (self.root / "active").iterdir():
             if awaits_filing(self.read_state(path.name)):
                 # Delivered; the crash came before it reached copy/. Only its filing is left.
@@ -279,24 +191,36 @@ class Spool:
             # Interrupted mid-delivery: at-least-once, so it goes out again.
             os.rename(path, self.root / "incoming" / path.name)
             report.requeued_active += 1
+        live: set[str] = set()
         for queue in ("incoming", "deferred", "hold", "copy"):
-            for path in (self.root / queue).iterdir():
-                try:
-                    self._read_header(path, queue)
-                except SpoolError as exc:
-                    log.error("quarantined %s: %s", path.name, exc)
-                    os.rename(path, self.root / "corrupt" / path.name)
-                    report.quarantined += 1
-                    continue
-                report.queued += 1
-        live = {p.name for q in QUEUES for p in (self.root / q).iterdir()}
-        for path in (self.root / "state").iterdir():
-            if path.name.endswith(".tmp") or path.stem not in live:
-                path.unlink()
+            for name in os.listdir(self.root / queue):
+                if check_files:
+                    try:
+                        self._read_header(self.root / queue / name, queue)
+                    except SpoolError as exc:
+                        self.quarantine(name, queue, str(exc))
+                        report.quarantined += 1
+                        continue
+                live.add(name)
+        report.queued = len(live)
+        live.update(os.listdir(self.root / "corrupt"))
+        for name in os.listdir(self.root / "state"):
+            if name.endswith(".tmp") or name.removesuffix(".json") not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / "state" / name)
         if self.fsync:
             for name in ("incoming", "copy", "corrupt", "state"):
                 _fsync_dir(self.root / name)
         return report
+
+    def quarantine(self, queue_id: str, queue: str, reason: str) -> bool:
+        """Move a damaged file to ``corrupt/``, never to be sent; False if it is gone."""
+        log.error("quarantined %s: %s", queue_id, reason, extra={"queue_id": queue_id})
+        try:
+            os.rename(self.root / queue / queue_id, self.root / "corrupt" / queue_id)
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -317,43 +241,101 @@ class Spool:
                 return queue
         return None
 
-    def load(self, queue_id: str, queue: str) -> StoredMessage:
-        return self._read_header(self.root / queue / queue_id, queue)
+    def load(self, queue_id: str, queue: str, *, preload: int = 0) -> StoredMessage:
+        """The envelope and where the content is; raises SpoolError if the file is damaged
+        or missing. A file of at most ``preload`` bytes is read whole, content included."""
+        return self._read_header(self._dirs[queue] + queue_id, queue, preload)
 
-    def _read_header(self, path: Path, queue: str) -> StoredMessage:
+    def load_if_present(
+        self, queue_id: str, queue: str, *, preload: int = 0
+    ) -> StoredMessage | None:
+        """Like ``load``, but None when the file is not there (moved or removed meanwhile)."""
         try:
-            with open(path, "rb") as f:
-                first = f.readline(64)
-                if not first.startswith(_MAGIC) or not first.endswith(b"\r\n"):
-                    raise SpoolError("bad header line")
-                header_len = int(first[len(_MAGIC) : -2])
-                header = f.read(header_len + 2)
-                if len(header) != header_len + 2 or not header.endswith(b"\r\n"):
-                    raise SpoolError("truncated envelope")
-                envelope = Envelope.from_json(header[:-2])
-                offset = len(first) + header_len + 2
+            return self._read_header(self._dirs[queue] + queue_id, queue, preload, missing_ok=True)
+        except FileNotFoundError:
+            return None
+
+    def _read_header(
+        self, path: Path | str, queue: str, preload: int = 0, *, missing_ok: bool = False
+    ) -> StoredMessage:
+        name = os.path.basename(path)
+        # One open, one fstat and, for a file of at most ``preload`` bytes, one read.
+        try:
+            with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
+                whole = size <= preload
+                data = f.read(size if whole else _HEAD_READ)
+                end = data.find(b"\r\n", 0, 64)
+                if not data.startswith(_MAGIC) or end < 0:
+                    raise SpoolError("bad header line")
+                header_len = int(data[len(_MAGIC) : end])
+                offset = end + 2 + header_len + 2
+                if offset > len(data) and not whole:
+                    data += f.read(offset - len(data))
+                if len(data) < offset or data[offset - 2 : offset] != b"\r\n":
+                    raise SpoolError("truncated envelope")
+                envelope = Envelope.from_json(data[end + 2 : offset - 2])
                 if size < offset + _TRAILER_LEN:
                     raise SpoolError("no end record")
-                f.seek(size - _TRAILER_LEN)
-                trailer = f.read(_TRAILER_LEN)
+                if whole:
+                    trailer = data[size - _TRAILER_LEN :]
+                else:
+                    f.seek(size - _TRAILER_LEN)
+                    trailer = f.read(_TRAILER_LEN)
+        except FileNotFoundError:
+            if missing_ok:
+                raise
+            raise SpoolError(f"unreadable: no such file: {name}") from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise SpoolError(f"unreadable: {exc}") from exc
         length = size - offset - _TRAILER_LEN
         if trailer != _trailer(length):
             raise SpoolError("end record missing or length mismatch")
-        if envelope.queue_id != path.name:
+        if envelope.queue_id != name:
             raise SpoolError("queue id does not match file name")
-        return StoredMessage(path.name, queue, path, envelope, offset, length)
+        content = data[offset : offset + length] if whole else None
+        return StoredMessage(name, queue, Path(path), envelope, offset, length, content)
 
     def move(self, queue_id: str, source: str, target: str) -> None:
-        os.rename(self.root / source / queue_id, self.root / target / queue_id)
+        os.rename(self._dirs[source] + queue_id, self._dirs[target] + queue_id)
 
-    def remove(self, queue_id: str, queue: str) -> None:
+    def remove(self, queue_id: str, queue: str, *, has_state: bool = True) -> None:
+        """Delete a message and its delivery state (``has_state=False``: known to have none,
+        which saves a system call per delivered message)."""
         with contextlib.suppress(FileNotFoundError):
-            (self.root / queue / queue_id).unlink()
+            os.unlink(self._dirs[queue] + queue_id)
+        if has_state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._dirs['state']}{queue_id}.json")
+
+    def retire(self, queue_id: str, queue: str, *, has_state: bool = True) -> None:
+        """Like ``remove``, for a message that is done; but with ``reuse_files``, while
+        ``free/`` holds fewer than ``FREE_FILES`` files, its file goes there, to be
+        overwritten by a reception in an accepting process (``SpareFiles``) instead of
+        being deleted.
+
+        Deleting a file and creating the next one costs an inode freed and an inode
+        allocated; ext4 without a journal scans past every inode freed in the last minutes
+        at each allocation, which at hundreds of messages a second made file creation the
+        dearest system call of a reception (measured: over a quarter of an accepting
+        process's time). A reused file allocates nothing.
+        """
+        if not self.reuse_files:
+            self.remove(queue_id, queue, has_state=has_state)
+            return
+        if self._retired % 64 == 0:
+            with contextlib.suppress(OSError):
+                self._free_estimate = len(os.listdir(self._dirs[FREE]))
+        self._retired += 1
+        if self._free_estimate >= FREE_FILES:
+            self.remove(queue_id, queue, has_state=has_state)
+            return
         with contextlib.suppress(FileNotFoundError):
-            (self.root / "state" / f"{queue_id}.json").unlink()
+            os.rename(self._dirs[queue] + queue_id, self._dirs[FREE] + queue_id)
+            self._free_estimate += 1
+        if has_state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._dirs['state']}{queue_id}.json")
 
     def read_state(self, queue_id: str) -> DeliveryState:
         try:

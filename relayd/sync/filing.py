@@ -48,6 +48,7 @@ from relayd.sync.backlog import FILING_QUEUE, add_dsn, enter_from_active, return
 from relayd.sync.connections import ImapConnections
 from relayd.sync.imap import ImapError, ImapFailure
 from relayd.upstream.capture import CaptureMaildir
+from relayd.upstream.dataphase import as_delivered
 
 __all__ = ["FAULT_ENV", "FilingStage"]
 
@@ -283,7 +284,8 @@ class FilingStage:
             else:
                 self._to_smtp(qid, "the account has no IMAP any more", logx)
             return
-        content = await asyncio.to_thread(msg.read_content)
+        # The bytes the DATA phase delivered (CRLF line ends, final CRLF), not the file's.
+        content = as_delivered(await asyncio.to_thread(msg.read_content))
         try:
             if route is Filing.CAPTURE:
                 where = await asyncio.to_thread(self._file_capture, account, qid, content)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from relayd.config.model import AccountConfig
 from relayd.core.outcome import (
@@ -24,6 +25,7 @@ from relayd.core.outcome import (
 )
 from relayd.core.states import RecipientResult
 from relayd.upstream.capture import CaptureMaildir
+from relayd.upstream.dataphase import ContentSource, as_delivered
 from relayd.upstream.transport import (
     DEFAULT_TIMEOUTS,
     AttemptError,
@@ -48,7 +50,6 @@ class AttemptReport:
     relay: str
     signal: AccountSignal | None = None
     detail: str = ""  # the reply or failure behind the signal
-    delivered_content: bytes | None = None  # exactly what was sent, for the Sent copy
     sessions_opened: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -90,7 +91,7 @@ class Deliverer:
         account: AccountConfig,
         sender: str,
         pending: tuple[str, ...],
-        content: bytes,
+        content: bytes | ContentSource,
         session: UpstreamSession | None,
         *,
         smtputf8: bool = False,
@@ -121,8 +122,6 @@ class Deliverer:
                             report.signal = AccountSignal.CREDENTIALS_REFUSED
                             report.detail = str(reply)
                 report.results = results
-                if any(r.verdict is Verdict.DELIVERED for r in results):
-                    report.delivered_content = content
                 return report, session if session.is_open else None
             except AttemptError as err:
                 if reused and try_number == 1 and isinstance(err.outcome, Failure):
@@ -140,16 +139,25 @@ class Deliverer:
         raise AssertionError("unreachable")
 
     async def _capture(
-        self, account: AccountConfig, sender: str, pending: tuple[str, ...], content: bytes
+        self,
+        account: AccountConfig,
+        sender: str,
+        pending: tuple[str, ...],
+        content: bytes | ContentSource,
     ) -> AttemptReport:
         assert account.capture_path is not None
         maildir = CaptureMaildir(account.capture_path, fsync=self.fsync)
-        path = await asyncio.to_thread(maildir.deliver, sender, pending, content)
+
+        def deliver() -> Path:
+            data = content if isinstance(content, bytes) else b"".join(content.iter_content())
+            # As an SMTP upstream would receive it, so its Sent copy is the same bytes.
+            return maildir.deliver(sender, pending, as_delivered(data))
+
+        path = await asyncio.to_thread(deliver)
         # Its Sent copy (the Maildir's .Sent) is filed by the filing stage, relayd.sync.filing.
         ok = Reply(250, f"2.0.0 captured as {path.name}")
         return AttemptReport(
             results=[RecipientResult(r, Verdict.DELIVERED, "2.0.0", str(ok)) for r in pending],
             relay=f"capture:{account.capture_path}",
             signal=AccountSignal.LOGIN_OK,
-            delivered_content=content,
         )

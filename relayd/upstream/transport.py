@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,6 +26,8 @@ from relayd.config.values import is_loopback_host
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.oauth.tokens import AccessToken
 from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
+from relayd.upstream.channel import ReplyChannel
+from relayd.upstream.dataphase import BytesContent, ContentSource, send_content
 
 __all__ = [
     "AttemptError",
@@ -122,8 +125,8 @@ def _failure_from(exc: BaseException, phase: Phase) -> Failure:
     return Failure(phase, FailureKind.PROTOCOL, str(exc) or type(exc).__name__)
 
 
-def _reply(response: aiosmtplib.SMTPResponse) -> Reply:
-    return Reply(response.code, response.message.replace("\n", " "))
+# Checked on every command before it is written, as aiosmtplib checks its own (CR, LF, NUL).
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class UpstreamSession:
@@ -143,7 +146,8 @@ class UpstreamSession:
         self.helo_name = helo_name
         self.credentials = credentials
         self.timeouts = timeouts
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: aiosmtplib.SMTP | None = None  # for its EHLO data, once logged in
+        self._channel: ReplyChannel | None = None  # the connection, once logged in
         self.messages_sent = 0
 
     @property
@@ -152,7 +156,7 @@ class UpstreamSession:
 
     @property
     def is_open(self) -> bool:
-        return self._smtp is not None and self._smtp.is_connected
+        return self._channel is not None and self._channel.is_open
 
     async def open(self) -> None:
         tls = self.server.tls
@@ -203,6 +207,12 @@ class UpstreamSession:
             smtp.close()
             raise
         log.debug("logged in to %s as %s", self.relay, self.account.username, extra=logx)
+        try:
+            self._channel = ReplyChannel.take_over(smtp)
+        except aiosmtplib.SMTPException as exc:
+            smtp.close()
+            failure = _failure_from(exc, Phase.AUTH)
+            raise AttemptError(failure.phase, failure) from None
         self._smtp = smtp
 
     async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
@@ -252,61 +262,106 @@ class UpstreamSession:
             raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
 
     async def send(
-        self, sender: str, recipients: tuple[str, ...], content: bytes, *, smtputf8: bool = False
+        self,
+        sender: str,
+        recipients: tuple[str, ...],
+        content: bytes | ContentSource,
+        *,
+        smtputf8: bool = False,
     ) -> TransactionResult:
-        """One transaction. Per-recipient replies; raises AttemptError if the session broke."""
-        smtp = self._smtp
-        assert smtp is not None, "open() first"
-        replies: dict[str, tuple[Phase, Reply]] = {}
+        """One transaction. Per-recipient replies; raises AttemptError if the session broke.
+
+        MAIL, RCPT and DATA are pipelined when the server offers PIPELINING (RFC 2920); the
+        content is streamed (``relayd.upstream.dataphase``): a spooled message is read from
+        its file block by block, never held whole.
+        """
+        smtp, channel = self._smtp, self._channel
+        assert smtp is not None and channel is not None, "open() first"
+        if isinstance(content, bytes):
+            content = BytesContent(content)
         options = b""
         if smtp.supports_extension("8bitmime"):
             options += b" BODY=8BITMIME"
         if smtputf8 and smtp.supports_extension("smtputf8"):
             options += b" SMTPUTF8"
         if smtp.supports_extension("size"):
-            options += b" SIZE=" + str(len(content)).encode()
+            options += b" SIZE=" + str(content.content_length).encode()
         encoding = "utf-8" if smtputf8 else "ascii"
+        commands = [b"MAIL FROM:<" + sender.encode(encoding) + b">" + options + b"\r\n"]
+        commands += [b"RCPT TO:<" + r.encode(encoding) + b">\r\n" for r in recipients]
+        if any(_CONTROL.search(c, 0, len(c) - 2) for c in commands):
+            raise ValueError("an address holds a control character")  # never sent as is
+        replies: dict[str, tuple[Phase, Reply]] = {}
         try:
-            mail = await smtp.execute_command(
-                b"MAIL", b"FROM:<" + sender.encode(encoding) + b">" + options
+            channel.begin()
+            mail, rcpt_replies, data = await self._exchange(
+                channel, [*commands, b"DATA\r\n"], smtp
             )
-            if mail.code != 250:
-                await self._reset_quietly(smtp)
-                return TransactionResult({r: (Phase.MAIL, _reply(mail)) for r in recipients})
             accepted: list[str] = []
-            for rcpt in recipients:
-                resp = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode(encoding) + b">")
-                if resp.code in (250, 251):
+            for rcpt, resp in zip(recipients, rcpt_replies, strict=True):
+                if mail.code != 250:
+                    replies[rcpt] = (Phase.MAIL, mail)
+                elif resp.code in (250, 251):
                     accepted.append(rcpt)
                 else:
-                    replies[rcpt] = (Phase.RCPT, _reply(resp))
-            if not accepted:
-                await self._reset_quietly(smtp)
+                    replies[rcpt] = (Phase.RCPT, resp)
+            if data is None or not accepted:
+                if data is not None and data.code == 354:
+                    # RFC 2920 §3.1: DATA taken with no recipient: end it empty at once.
+                    async with asyncio.timeout(self.timeouts.command):
+                        channel.write(b".\r\n")
+                        await channel.reply()
+                await self._reset_quietly(channel)
                 return TransactionResult(replies)
-            try:
-                data = await smtp.data(content, timeout=self.timeouts.data)
-                final = _reply(data)
-            except aiosmtplib.SMTPDataError as exc:
-                final = Reply(exc.code, exc.message)
-                await self._reset_quietly(smtp)
+            if data.code == 354:
+                async with asyncio.timeout(self.timeouts.data):
+                    final = await send_content(channel, content)
+            else:
+                final = data
+            if final.code != 250:
+                await self._reset_quietly(channel)
             for rcpt in accepted:
                 replies[rcpt] = (Phase.DATA, final)
-        except aiosmtplib.SMTPResponseException as exc:
-            # 421 and friends: the server is closing the session.
-            self.close()
-            raise AttemptError(Phase.MAIL, Reply(exc.code, exc.message)) from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             self.close()
             failure = _failure_from(exc, Phase.DATA)
             raise AttemptError(failure.phase, failure) from None
         if any(reply.code == 421 for _, reply in replies.values()):
-            self.close()
+            self.close()  # the server is closing the session
         self.messages_sent += 1
         return TransactionResult(replies)
 
-    async def _reset_quietly(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _exchange(
+        self, channel: ReplyChannel, commands: list[bytes], smtp: aiosmtplib.SMTP
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """Replies to MAIL, to each RCPT, and to DATA (None when DATA was not sent: the
+        server does not pipeline and no recipient was accepted). Pipelined in one write
+        where the server allows it, else one command at a time as RFC 5321 has it."""
+        mail_command, rcpt_commands, data_command = commands[0], commands[1:-1], commands[-1]
+        async with asyncio.timeout(self.timeouts.command * 2):
+            if smtp.supports_extension("pipelining"):
+                channel.write(b"".join(commands))
+                mail = await channel.reply()
+                rcpts = [await channel.reply() for _ in rcpt_commands]
+                return mail, rcpts, await channel.reply()
+            channel.write(mail_command)
+            mail = await channel.reply()
+            if mail.code != 250:
+                return mail, [mail for _ in rcpt_commands], None
+            rcpts = []
+            for command in rcpt_commands:
+                channel.write(command)
+                rcpts.append(await channel.reply())
+            if not any(r.code in (250, 251) for r in rcpts):
+                return mail, rcpts, None
+            channel.write(data_command)
+            return mail, rcpts, await channel.reply()
+
+    async def _reset_quietly(self, channel: ReplyChannel) -> None:
         try:
-            await smtp.execute_command(b"RSET")
+            async with asyncio.timeout(self.timeouts.command):
+                channel.write(b"RSET\r\n")
+                await channel.reply()
         except (TimeoutError, aiosmtplib.SMTPException, OSError):
             self.close()
 
@@ -316,8 +371,11 @@ class UpstreamSession:
         await self.quit()
 
     async def quit(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is None:
+        smtp, channel = self._smtp, self._channel
+        self._smtp, self._channel = None, None
+        if channel is None:
+            if smtp is not None:
+                smtp.close()
             return
         log.debug(
             "closing session to %s after %d messages",
@@ -326,11 +384,17 @@ class UpstreamSession:
             extra={"account": self.account.address},
         )
         try:
-            await asyncio.wait_for(smtp.quit(), timeout=5)
+            async with asyncio.timeout(5):
+                channel.write(b"QUIT\r\n")
+                await channel.reply()
         except (TimeoutError, aiosmtplib.SMTPException, OSError):
-            smtp.close()
+            pass
+        channel.close()
 
     def close(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
+        smtp, channel = self._smtp, self._channel
+        self._smtp, self._channel = None, None
+        if channel is not None:
+            channel.close()
+        elif smtp is not None:
             smtp.close()

@@ -24,6 +24,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of a process group that are not zombies (dead, awaiting their parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def wait_for_group_exit(pgid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while live_group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def write_secret(path: Path, value: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(value + "\n")
@@ -87,6 +109,9 @@ class Relayd:
             return
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # The accepting processes die a moment after the main one, and hold the listening
+        # socket until then: a restart must not connect to the dying instance.
+        wait_for_group_exit(self.proc.pid)
 
     def log(self) -> str:
         try:

@@ -26,11 +26,16 @@ def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
         login=("app", setup.client_password),
     )
     queue_id = reply.rsplit(" ", 1)[1]
-    log = setup.relayd.wait_for_log("ALERT account paused", timeout=30)
+    # The attempt line is written after the alert: wait for both.
+    setup.relayd.wait_for_log("ALERT account paused", timeout=30)
+    log = setup.relayd.wait_for_log("status=held", timeout=30)
     # Two consecutive refusals: the first defers, the second pauses.
     assert log.count("status=deferred") >= 1
     assert "status=held" in log
     state = setup.dir / "state"
+    deadline = time.monotonic() + 10  # the move into hold/ follows the attempt's log line
+    while spooled(state)["hold"] != [queue_id] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert spooled(state)["hold"] == [queue_id]
     [account_file] = list((state / "accounts").glob("*.json"))
     health = json.loads(account_file.read_text())

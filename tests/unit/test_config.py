@@ -145,7 +145,8 @@ tenants:
         (
             "lsten: []\n",
             "lsten: line 1: unknown key; allowed keys: state_directory, helo_name, log_level, "
-            "listen, clients, rewrite_senders, spool, tokens, tenants, alerts, metrics",
+            "listen, accept_processes, clients, rewrite_senders, spool, tokens, tenants, "
+            "alerts, metrics",
         ),
         (
             "listen:\n  - address: 127.0.0.1:2525\n    tsl: none\n",

@@ -1,0 +1,248 @@
+"""Receiving in an accepting process: commits on the event loop, spare files, one write.
+
+The promise is the same as in the main process (tests/unit/test_spool_store.py): no 250
+before the file and the directory entry are durable; only where and how the work is done
+changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from factories import make_envelope
+
+import relayd.spool.reception as reception_module
+import relayd.spool.store as store_module
+from relayd.core.envelope import DeliveryState, Envelope
+from relayd.spool.reception import Reception
+from relayd.spool.store import Spool
+
+MESSAGE = b"From: alice@acme.example\r\nSubject: hi\r\n\r\nHello\r\n"
+
+
+def names(spool: Spool, queue: str) -> list[str]:
+    return sorted(os.listdir(spool.root / queue))
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path, commit_in_loop=True, spare_files=2)
+    s.prepare()
+    return s
+
+
+async def test_in_loop_commits_are_batched_durable_and_in_order(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    main = threading.get_ident()
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        assert threading.get_ident() == main  # on the event loop: the disk is fast
+        real_fsync(fd)
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        real_rename(src, dst)
+        events.append(("rename", os.path.realpath(dst)))
+
+    monkeypatch.setattr(reception_module.os, "fsync", fsync)
+    monkeypatch.setattr(reception_module.os, "rename", rename)
+
+    async def one(i: int) -> str:
+        reception = spool.receive(make_envelope())
+        reception.write(MESSAGE + b"%d\r\n" % i)
+        await asyncio.sleep(0)
+        qid = await reception.commit()
+        events.append(("ack", qid))
+        return qid
+
+    qids = await asyncio.gather(*(one(i) for i in range(20)))
+    assert names(spool, "incoming") == sorted(qids)
+    assert names(spool, "tmp") == []
+    root = os.path.realpath(spool.root)
+    directory_syncs = [n for n, e in enumerate(events) if e == ("fsync", f"{root}/incoming")]
+    assert 1 <= len(directory_syncs) < 20  # batched
+    for i, qid in enumerate(qids):
+        moved = events.index(("rename", f"{root}/incoming/{qid}"))
+        acked = events.index(("ack", qid))
+        synced = events.index(("fsync", f"{root}/tmp/{qid}"))
+        # File fsync'd, then renamed, then the directory fsync'd, and only then the 250.
+        assert synced < moved < acked
+        assert any(moved < n < acked for n in directory_syncs), qid
+        assert spool.load(qid, "incoming").read_content() == MESSAGE + b"%d\r\n" % i
+
+
+async def test_a_slow_disk_sends_the_commits_to_a_thread(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reception_module, "SLOW_BATCH_SECONDS", 0.0)
+    threads: list[int] = []
+    real_finish = Reception.finish_file
+
+    def finish(self: Reception) -> None:
+        threads.append(threading.get_ident())
+        real_finish(self)
+
+    monkeypatch.setattr(Reception, "finish_file", finish)
+    for _ in range(2):
+        reception = spool.receive(make_envelope())
+        reception.write(MESSAGE)
+        await reception.commit()
+    main = threading.get_ident()
+    assert threads[0] == main  # the first batch ran on the loop, and took "too long"
+    assert threads[1] != main
+    assert len(names(spool, "incoming")) == 2
+
+
+async def test_spare_files_are_taken_renamed_and_refilled(spool: Spool) -> None:
+    assert spool.spares is not None
+    spool.spares.refill()
+    assert len(names(spool, "spare")) == 2
+    envelope = make_envelope()
+    reception = spool.receive(envelope)
+    assert names(spool, "tmp") == [envelope.queue_id]  # a spare, under the reception's name
+    assert len(names(spool, "spare")) == 1
+    reception.write(MESSAGE)
+    await reception.commit()
+    await asyncio.sleep(0)  # the refill runs after the batch has answered
+    assert len(names(spool, "spare")) == 2
+    assert spool.load(envelope.queue_id, "incoming").read_content() == MESSAGE
+
+    aborted = spool.receive(make_envelope())
+    aborted.write(MESSAGE)
+    aborted.abort()
+    assert names(spool, "tmp") == []
+
+    report = spool.recover()
+    assert names(spool, "spare") == []  # spares are not receptions: not counted, just gone
+    assert report.removed_temp == 0
+
+
+async def test_when_the_spares_run_out_a_reception_creates_its_file(spool: Spool) -> None:
+    receptions = [spool.receive(make_envelope()) for _ in range(3)]  # none made yet
+    for r in receptions:
+        r.write(MESSAGE)
+    await asyncio.gather(*(r.commit() for r in receptions))
+    assert len(names(spool, "incoming")) == 3
+
+
+async def test_small_content_is_written_in_one_call_at_commit(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_writev = os.writev
+
+    def writev(fd: int, buffers: list[bytes]) -> int:
+        calls.append(fd)
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(reception_module.os, "writev", writev)
+    envelope: Envelope = make_envelope()
+    reception = spool.receive(envelope)
+    for i in range(100):
+        reception.write(b"line %d\r\n" % i)
+    assert calls == []  # nothing written while receiving
+    await reception.commit()
+    assert len(calls) == 1
+    expected = b"".join(b"line %d\r\n" % i for i in range(100))
+    assert spool.load(envelope.queue_id, "incoming").read_content() == expected
+
+
+def test_the_envelope_json_holds_every_field() -> None:
+    # Written field by field for speed: a field added to Envelope must not be left out.
+    envelope = make_envelope(recipients=("a@x.example", "b@y.example"), smtputf8=True)
+    data = json.loads(envelope.to_json())
+    assert data == {**dataclasses.asdict(envelope), "recipients": list(envelope.recipients)}
+    assert Envelope.from_json(envelope.to_json()) == envelope
+
+
+async def test_a_delivered_file_is_reused_and_keeps_nothing_of_its_old_message(
+    tmp_path: Path,
+) -> None:
+    # The main process: a long message, then a short one, delivered; their files go to
+    # free/ instead of being deleted.
+    main = Spool(tmp_path, reuse_files=True)
+    main.prepare()
+    old = [make_envelope(), make_envelope()]
+    for envelope, content in zip(old, (b"OLD" * 5000, b"old"), strict=True):
+        reception = main.receive(envelope)
+        reception.write(content)
+        await reception.commit()
+        main.move(envelope.queue_id, "incoming", "active")
+        main.retire(envelope.queue_id, "active")
+    assert names(main, "free") == sorted(e.queue_id for e in old)
+    assert names(main, "active") == []
+    inodes = {(main.root / "free" / e.queue_id).stat().st_ino for e in old}
+
+    # An accepting process takes them as spare files.
+    spool = Spool(tmp_path, commit_in_loop=True, spare_files=2)
+    assert spool.spares is not None
+    spool.spares.refill()
+    assert names(spool, "free") == []
+    new = {b"short": make_envelope(), b"LONGER " * 3000: make_envelope()}
+    for content, envelope in new.items():
+        reception = spool.receive(envelope)
+        reception.write(content)
+        await reception.commit()
+    reused = {(spool.root / "incoming" / e.queue_id).stat().st_ino for e in new.values()}
+    assert reused == inodes  # the same files, no new inode
+    for content, envelope in new.items():
+        msg = spool.load(envelope.queue_id, "incoming")  # whole: trailer and length check
+        assert msg.read_content() == content
+        data = (spool.root / "incoming" / envelope.queue_id).read_bytes()
+        assert b"OLD" not in data and b"old" not in data
+
+
+async def test_free_files_are_bounded_and_removed_at_start(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "FREE_FILES", 2)
+    spool.reuse_files = True
+    for _ in range(4):
+        envelope = make_envelope()
+        reception = spool.receive(envelope)
+        reception.write(MESSAGE)
+        await reception.commit()
+        spool.write_state(envelope.queue_id, DeliveryState(attempts=1))
+        spool.retire(envelope.queue_id, "incoming")
+    assert len(names(spool, "free")) == 2  # the others were deleted
+    assert names(spool, "incoming") == names(spool, "state") == []
+    spool.recover()
+    assert names(spool, "free") == []
+
+
+async def test_without_accepting_processes_done_files_are_deleted(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)  # nobody would reuse them
+    spool.prepare()
+    envelope = make_envelope()
+    reception = spool.receive(envelope)
+    reception.write(MESSAGE)
+    await reception.commit()
+    spool.retire(envelope.queue_id, "incoming")
+    assert names(spool, "incoming") == names(spool, "free") == []
+
+
+
+def test_accepting_processes_take_disjoint_shares_of_the_free_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    names_in_free = [f"0660C47B815188{i:06X}" for i in range(40)]
+    for name in names_in_free:
+        (spool.root / "free" / name).write_bytes(b"old")
+    first = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 40, (0, 2))
+    second = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 40, (1, 2))
+    first.refill()
+    second.refill()
+    taken = [len([r for r in pool._ready if r[2]]) for pool in (first, second)]
+    assert taken == [20, 20]  # each its own half, and no file twice
+    assert names(spool, "free") == []
+    first.close()
+    second.close()
