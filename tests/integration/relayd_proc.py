@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -24,9 +25,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Processes of a process group that are not zombies (dead, awaiting their parent)."""
-    found = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the /proc/PID/stat fields after the command name) of every process now."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -35,9 +35,12 @@ def live_group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+        yield int(entry), fields
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of a process group that are not zombies (dead, awaiting their parent)."""
+    return [pid for pid, fields in proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def wait_for_group_exit(pgid: int, timeout: float = 10.0) -> None:

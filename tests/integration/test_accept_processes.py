@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relayd_proc import Relayd, free_port, write_config
+from relayd_proc import Relayd, free_port, proc_stats, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +44,7 @@ def setup(tmp_path: Path, **extra: Any) -> tuple[Relayd, Path]:
 
 
 def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(p for p, fields in proc_stats() if int(fields[1]) == pid and fields[0] != "Z")
 
 
 def message(subject: str) -> bytes:
