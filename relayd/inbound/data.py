@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from relayd.core.lines import to_crlf
+
 __all__ = [
     "HEADER_TOO_LARGE_REPLY",
     "MAX_HEADER_SECTION",
@@ -30,17 +32,6 @@ HEADER_TOO_LARGE_REPLY = "552 5.3.4 Header section too large"
 # Far above any real header section (Postfix's header_size_limit is 100 KiB per header);
 # the header section is the only part of a message relayd holds in memory.
 MAX_HEADER_SECTION = 1 << 20
-
-
-def _normalise_line_ends(block: bytes) -> bytes:
-    """Bare LF and bare CR become CRLF (Postfix 3.9 ``smtpd_forbid_bare_newline = normalize``).
-
-    ``block`` never ends with a CR whose LF may still be coming: the decoder holds it back.
-    """
-    crlf = block.count(b"\r\n")
-    if block.count(b"\n") == crlf and block.count(b"\r") == crlf:
-        return block  # the usual case: already CRLF throughout, no copy
-    return block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 class DataDecoder:
@@ -79,7 +70,7 @@ class DataDecoder:
             raw = raw[:-1]
             if not raw:
                 return b""
-        block = _normalise_line_ends(raw)
+        block = to_crlf(raw)
         # Once every line ends in CRLF, "a line starting with a dot" is a dot after CRLF.
         # replace() scans left to right without overlap, so "\r\n.\r\n." loses both dots.
         content = block.replace(b"\r\n.", b"\r\n")

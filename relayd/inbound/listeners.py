@@ -17,7 +17,6 @@ import contextlib
 import os
 import socket
 import ssl
-import stat
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from relayd.config.model import Config, ListenerConfig, TlsMode
 from relayd.inbound.handler import InboundHandler
 from relayd.inbound.server import RelaySMTP
+from relayd.unixsocket import clear_stale_socket
 
 __all__ = [
     "BoundListener",
@@ -68,28 +68,6 @@ class BoundListener:
     sockets: list[socket.socket]
 
 
-def _unix_socket_in_use(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """A socket file left by a relayd that died is removed; anything else is an error."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path}: exists and is not a socket; not removing it")
-    if _unix_socket_in_use(path):
-        raise OSError(f"{path}: another process is listening on it")
-    path.unlink()
-
-
 def _bind_tcp(listener: ListenerConfig) -> list[socket.socket]:
     """As asyncio's create_server binds: every address the host name resolves to, with
     SO_REUSEADDR, and IPv6 sockets IPv6-only (an IPv4 address gets its own socket)."""
@@ -124,7 +102,7 @@ def _bind_tcp(listener: ListenerConfig) -> list[socket.socket]:
 
 
 def _bind_unix(path: Path) -> socket.socket:
-    _clear_stale_socket(path)
+    clear_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))

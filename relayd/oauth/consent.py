@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from relayd.config import ConfigError, find_config_path, load_config
+from relayd.config import load_for_command
 from relayd.config.model import AccountConfig, Config
 from relayd.config.presets import APP_ONLY_FLOWS, PRESETS
 from relayd.core.routing import find_account
@@ -127,12 +127,8 @@ def _run_flow(account: AccountConfig, method: str | None) -> flows.ConsentResult
 
 def cmd_auth(args: argparse.Namespace) -> int:
     """Obtain and store OAuth tokens for a delegated account."""
-    value = getattr(args, "config", None)
-    try:
-        config = load_config(find_config_path(value if isinstance(value, str) else None))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    config = load_for_command(getattr(args, "config", None))
+    if config is None:
         return EXIT_USAGE
     found = _account(config, str(args.address))
     if isinstance(found, str):

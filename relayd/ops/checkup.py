@@ -25,7 +25,7 @@ from typing import Any
 
 import aiosmtplib
 
-from relayd.config import ConfigError, find_config_path, load_config
+from relayd.config import load_for_command
 from relayd.config.model import AccountConfig, Config, TlsMode
 from relayd.core.routing import find_account
 from relayd.ops.hints import hint_for
@@ -288,12 +288,8 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_test(args: argparse.Namespace) -> int:
     """Test & connect: DNS, TCP, TLS, EHLO, login, test message, IMAP; exit 0 if all worked."""
-    value = getattr(args, "config", None)
-    try:
-        config = load_config(find_config_path(value if isinstance(value, str) else None))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+    config = load_for_command(getattr(args, "config", None))
+    if config is None:
         return 2
     from relayd.log import configure_logging, redactor
     from relayd.secrets_index import all_secret_values

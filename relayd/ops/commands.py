@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from relayd.config import ConfigError, find_config_path, load_config
+from relayd.config import load_for_command
 from relayd.config.model import Config
 from relayd.ops.control import ControlError, DaemonNotRunning, call_daemon
 from relayd.ops.events import is_operator_hold, set_operator_hold
@@ -41,13 +41,7 @@ QUEUE_ACTIONS = ("list", "show", "flush", "hold", "release", "delete")
 
 
 def _config(args: argparse.Namespace) -> Config | None:
-    value = getattr(args, "config", None)
-    try:
-        return load_config(find_config_path(value if isinstance(value, str) else None))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return None
+    return load_for_command(getattr(args, "config", None))
 
 
 def _ask(config: Config, command: str, arguments: dict[str, Any] | None = None) -> Any:

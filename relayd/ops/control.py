@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from relayd.unixsocket import clear_stale_socket
 
 __all__ = [
     "ControlError",
@@ -55,23 +56,6 @@ def peer_uid(sock: socket.socket) -> int | None:
     return int(struct.unpack("3i", raw)[1])
 
 
-def remove_stale_socket(path: Path) -> None:
-    """A socket left by a relayd that died is removed; a live one or a non-socket is an error."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path}: exists and is not a socket; not removing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-            return
-    raise OSError(f"{path}: another relayd is running on this state directory")
-
-
 class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
         self.path = path
@@ -80,7 +64,7 @@ class ControlServer:
         self._allowed = {0, os.getuid()}
 
     async def start(self) -> None:
-        remove_stale_socket(self.path)
+        clear_stale_socket(self.path)
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from relayd.core.lines import is_crlf_only, to_crlf
 from relayd.core.outcome import Reply
 from relayd.upstream.channel import ReplyChannel
 
@@ -58,18 +59,6 @@ class BytesContent:
             yield self.data[start : start + chunk_size]
 
 
-def _is_crlf_only(block: bytes) -> bool:
-    crlf = block.count(b"\r\n")
-    return block.count(b"\n") == crlf and block.count(b"\r") == crlf
-
-
-def _crlf(block: bytes) -> bytes:
-    """Bare CR and bare LF become CRLF; ``block`` never ends with a CR whose LF may follow."""
-    if _is_crlf_only(block):
-        return block  # the usual case: no copy
-    return block.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
 class DotStuffer:
     """Content blocks in, the DATA section out (pure; no I/O).
 
@@ -95,7 +84,7 @@ class DotStuffer:
             block = block[:-1]
             if not block:
                 return b""
-        block = _crlf(block)
+        block = to_crlf(block)
         out = block.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
@@ -114,7 +103,7 @@ class DotStuffer:
 def as_delivered(content: bytes) -> bytes:
     """The message as ``send_data`` delivers it, once the receiver has removed the
     transparency dots: CRLF line endings and, unless empty, a CRLF at the end."""
-    if content and not _is_crlf_only(content):
+    if content and not is_crlf_only(content):
         content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if content and not content.endswith(b"\r\n"):
         content += b"\r\n"

@@ -133,6 +133,26 @@ def submit(setup: Any, sender: str, rcpt: str, subject: str) -> str:
     return reply.rsplit(" ", 1)[1]
 
 
+def start_auth(
+    setup: Any,
+    address: str,
+    flag: str,
+    *,
+    stdin: int = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """``relayd auth ADDRESS FLAG`` as the operator runs it, its output read by the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "relayd", "-c", str(setup.config_path), "auth", address, flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=stdin,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+
+
 def sasl_logins(world: Any, address: str) -> list[str]:
     return re.findall(
         rf"sasl_method=(\w+), sasl_username={re.escape(address)}", world.postfix_log()
@@ -368,24 +388,7 @@ def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
 
     # The operator consents again, over "SSH": the device-code flow, end to end.
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    auth = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relayd",
-            "-c",
-            str(setup.config_path),
-            "auth",
-            alice.address,
-            "--device-code",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
+    auth = start_auth(setup, alice.address, "--device-code", env=env)
     try:
         shown = ""
         assert auth.stdout is not None
@@ -494,23 +497,7 @@ def test_google_consent_pasted_back_without_a_browser(
         {"g": google_tenant(mail_world, oauth, tmp_path / "secrets", [bob.address])},
         may_send_as=[bob.address],
     )
-    auth = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relayd",
-            "-c",
-            str(setup.config_path),
-            "auth",
-            bob.address,
-            "--no-browser",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    auth = start_auth(setup, bob.address, "--no-browser", stdin=subprocess.PIPE)
     try:
         assert auth.stdout is not None and auth.stdin is not None
         shown = ""
@@ -551,24 +538,7 @@ def test_microsoft_browser_consent_returns_to_the_loopback_address(
         may_send_as=[alice.address],
     )
     env = dict(os.environ, BROWSER="true")  # the "browser" relayd opens does nothing
-    auth = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relayd",
-            "-c",
-            str(setup.config_path),
-            "auth",
-            alice.address,
-            "--browser",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-        env=env,
-    )
+    auth = start_auth(setup, alice.address, "--browser", env=env)
     try:
         assert auth.stdout is not None
         shown = ""
