@@ -18,7 +18,10 @@ def notify(*fields: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: a notify socket that does not drain costs a lost STATUS line, never a
+    # stalled event loop.
+    kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    with socket.socket(socket.AF_UNIX, kind) as sock:
         try:
             sock.connect(address)
             sock.sendall("\n".join(fields).encode())

@@ -12,6 +12,8 @@ middle of a message.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -19,7 +21,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiosmtpd.smtp import AuthResult, LoginPassword, Session
@@ -248,17 +250,21 @@ class MessageSink:
         assert self._reception is not None
         self._reception.write(content)
 
-    def commit(self) -> Awaitable[str]:
-        """Make the message durable in the spool (file and directory fsync'd); the awaitable
-        gives the queue id. From this call on, ``abort`` no longer touches the reception."""
+    def commit(self) -> asyncio.Future[None]:
+        """Make the message durable in the spool (file and directory fsync'd); the future is
+        done then, or fails with SpoolError. From this call on, ``abort`` no longer touches
+        the reception, and cancelling the future does not withdraw it (``Reception.submit``).
+
+        The "accepted" log line and ``on_queued`` follow once the session has had its turn
+        to reply: neither is in the time the client waits for its 250.
+        """
         assert self._reception is not None
         reception, self._reception = self._reception, None
-        return self._commit(reception)
+        return reception.submit(functools.partial(self._queued, reception.length))
 
-    async def _commit(self, reception: Reception) -> str:
-        size = reception.length
-        queue_id = await reception.commit()
+    def _queued(self, size: int) -> None:
         env = self.envelope
+        queue_id = env.queue_id
         log.info(
             "accepted: client=%s peer=%s from=<%s> nrcpt=%d size=%d",
             env.client,
@@ -272,7 +278,6 @@ class MessageSink:
             self.on_queued(queue_id)
         except Exception:  # the message is safe in the spool; the scheduler's scan finds it
             log.exception("%s: on_queued callback failed", queue_id)
-        return queue_id
 
     def abort(self) -> None:
         if self._reception is not None:

@@ -212,17 +212,17 @@ class _MessageStream:
         if self.reply is not None:
             return self.reply
         try:
-            # Shielded: a client hanging up while the fsync runs must not abort a reception
-            # the committer thread is working on. The message then stays queued without its
-            # 250, and may come twice if the client retries (at-least-once, RFC 5321 §6.1).
-            queue_id = await asyncio.shield(self.sink.commit())
+            # Not shielded, and need not be: a client hanging up while the fsync runs
+            # cancels this wait, not the commit (``Reception.submit``). The message then
+            # stays queued without its 250, and may come twice if the client retries.
+            await self.sink.commit()
         except OSError as exc:  # SpoolError included: nothing was acknowledged
             log.error("%s: spool commit failed: %s", self.sink.envelope.peer, exc)
             return STORAGE_REPLY
         except Exception:
             log.exception("%s: spool commit failed", self.sink.envelope.peer)
             return INTERNAL_REPLY
-        return f"250 2.0.0 queued as {queue_id}"
+        return f"250 2.0.0 queued as {self.sink.envelope.queue_id}"
 
     def _take_batch(self) -> bytes:
         raw = b"".join(self._batch)

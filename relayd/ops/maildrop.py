@@ -283,10 +283,10 @@ class MaildropPickup:
             refusal_reply = sink.start(*split)
             if refusal_reply is not None:
                 return refusal_reply
-            queue_id = await sink.commit()
+            await sink.commit()
         except OSError as exc:
             sink.abort()
             log.error("cannot spool a maildrop message: %s", exc)
             return "452 4.3.1 Insufficient system storage"
-        return f"250 2.0.0 queued as {queue_id}"
+        return f"250 2.0.0 queued as {sink.envelope.queue_id}"
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -142,14 +143,23 @@ class Reception:
         self._file.close()
         self._file = None
 
+    def submit(self, on_durable: Callable[[], None] | None = None) -> asyncio.Future[None]:
+        """Hand the reception to the group commit; the future is done once the file and its
+        directory entry in ``incoming/`` are durable, or fails with SpoolError.
+
+        From here on the reception belongs to the committer: cancelling the future (a client
+        hanging up while its fsync runs) does not withdraw it. The message then lands in
+        incoming/ without a 250 having been sent: at worst a duplicate when the client
+        retries (at-least-once, RFC 5321 §6.1), never a loss. ``on_durable`` runs after the
+        waiting sessions have had their turn, so whatever it does (a log line, telling the
+        scheduler) is not in the time a client waits for its 250.
+        """
+        return self.spool.committer.submit(self, on_durable)
+
     async def commit(self) -> str:
         """Make the message durable in ``incoming/``; returns the queue id. Raises SpoolError."""
-        # Once queued, the reception belongs to the committer's thread: a client hanging up
-        # (aiosmtpd cancels its handler) must not pull the file from under it. The message
-        # then lands in incoming/ without a 250 having been sent — at worst a duplicate when
-        # the client retries, never a loss.
         try:
-            await asyncio.shield(self.spool.committer.commit(self))
+            await asyncio.shield(self.submit())
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -186,22 +196,30 @@ class GroupCommitter:
     def __init__(self, spool: Spool, *, in_loop: bool = False) -> None:
         self.spool = spool
         self.in_loop = in_loop
-        self._pending: list[tuple[Reception, asyncio.Future[None]]] = []
+        self._pending: list[
+            tuple[Reception, asyncio.Future[None], Callable[[], None] | None]
+        ] = []
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
         self._threaded_until = 0.0  # monotonic time; the disk was slow: use the thread
         self._incoming_fd: int | None = None
 
-    async def commit(self, reception: Reception) -> None:
+    def submit(
+        self, reception: Reception, on_durable: Callable[[], None] | None = None
+    ) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((reception, done))
+        self._pending.append((reception, done, on_durable))
         if not self._running:
             self._running = True
             self._drainer = loop.create_task(self._drain())
-        await done
+        return done
+
+    async def commit(self, reception: Reception) -> None:
+        await self.submit(reception)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 in_loop = self.in_loop and time.monotonic() >= self._threaded_until
@@ -210,7 +228,7 @@ class GroupCommitter:
                     # join this batch (in a thread, they queue up while it syncs).
                     await asyncio.sleep(0)
                 batch, self._pending = self._pending, []
-                receptions = [r for r, _ in batch]
+                receptions = [r for r, _, _ in batch]
                 started = time.monotonic()
                 try:
                     if in_loop:
@@ -218,6 +236,8 @@ class GroupCommitter:
                     else:
                         results = await asyncio.to_thread(self._sync_batch, receptions)
                 except Exception as exc:  # a broken thread pool: fail the whole batch
+                    for reception in receptions:
+                        reception.abort()
                     results = [exc] * len(batch)
                 if self.in_loop and time.monotonic() - started > SLOW_BATCH_SECONDS:
                     self._threaded_until = time.monotonic() + SLOW_DISK_SECONDS
@@ -228,16 +248,21 @@ class GroupCommitter:
                         (time.monotonic() - started) * 1000,
                         SLOW_DISK_SECONDS,
                     )
-                for (_, fut), result in zip(batch, results, strict=True):
-                    if fut.done():
+                for (_, fut, _), result in zip(batch, results, strict=True):
+                    if fut.done():  # its session was cancelled; the message is queued anyway
                         continue
                     if result is None:
                         fut.set_result(None)
                     else:
                         fut.set_exception(result)
+                # Scheduled after the wake-ups of the waiting sessions, which run first and
+                # write their replies before any of this: log lines, announcements and new
+                # spare files (a file creation can take longer than the fsync) come after.
+                for (_, _, on_durable), result in zip(batch, results, strict=True):
+                    if result is None and on_durable is not None:
+                        loop.call_soon(on_durable)
                 if self.spool.spares is not None:
-                    # After the replies: the sessions resume before the loop gets to this.
-                    asyncio.get_running_loop().call_soon(self.spool.spares.refill)
+                    loop.call_soon(self.spool.spares.refill)
         finally:
             self._running = False
 

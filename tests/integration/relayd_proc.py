@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,8 +74,23 @@ class Relayd:
         ALL_LOGS.append(log_path)
 
     def start(self, timeout: float = 15.0) -> Relayd:
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)
+        """Start relayd and return once it has said READY=1, as systemd would wait for it.
+
+        A listening port is not enough: the port is open before the signal handlers are in
+        place, and a SIGHUP in between would end the process as its default action.
+        """
+        with tempfile.TemporaryDirectory(prefix="relayd-notify-") as directory:
+            path = os.path.join(directory, "notify.sock")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+                notify.bind(path)
+                notify.settimeout(0.1)
+                self._spawn(dict(os.environ, NOTIFY_SOCKET=path))
+                self._wait_ready(notify, timeout)
+        return self
+
+    def _spawn(self, env: dict[str, str]) -> None:
+        for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(name, None)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relayd", "-c", str(self.config_path), "run"],
@@ -85,16 +101,19 @@ class Relayd:
             start_new_session=True,
         )
         log.close()
+
+    def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"relayd exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"relayd did not listen on {self.port}:\n{self.log()}")
+                if b"READY=1" in notify.recv(4096).split(b"\n"):
+                    return
+            except TimeoutError:
+                continue
+        raise AssertionError(f"relayd did not say READY=1 on {self.port}:\n{self.log()}")
 
     def stop(self, timeout: float = 40.0) -> int:
         if self.proc is None or self.proc.poll() is not None:

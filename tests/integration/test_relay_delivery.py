@@ -169,7 +169,8 @@ def test_upstream_down_then_up_and_sigkill_loses_nothing(mail_world, new_mailbox
                 login=("app", setup.client_password),
             )
             ids.append(reply.rsplit(" ", 1)[1])
-        setup.relayd.wait_for_log("status=deferred")
+        # Each one tried and deferred: none is between two queues while they are listed.
+        setup.relayd.wait_for_log("status=deferred", count=5)
         waiting = spooled(setup.dir / "state")
         assert sorted(waiting["incoming"] + waiting["active"] + waiting["deferred"]) == sorted(ids)
         # The crash: SIGKILL while the mail waits for the upstream.

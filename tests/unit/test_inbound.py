@@ -523,8 +523,13 @@ class FullSpool(Spool):
 
 
 class BrokenCommitter(GroupCommitter):
-    async def commit(self, reception: Reception) -> None:
-        raise SpoolError("cannot sync spool directory: No space left on device")
+    def submit(
+        self, reception: Reception, on_durable: Callable[[], None] | None = None
+    ) -> asyncio.Future[None]:
+        reception.abort()
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(SpoolError("cannot sync spool directory: No space left on device"))
+        return failed
 
 
 @pytest.mark.parametrize("where", ["write", "commit"])

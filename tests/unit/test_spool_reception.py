@@ -126,6 +126,51 @@ async def test_spare_files_are_taken_renamed_and_refilled(spool: Spool) -> None:
     assert report.removed_temp == 0
 
 
+async def test_after_the_commit_the_session_replies_before_anything_else_runs(
+    spool: Spool,
+) -> None:
+    """The log line, the scheduler's notice and the new spare file come after the 250."""
+    assert spool.spares is not None
+    spool.spares.refill()
+    order: list[str] = []
+    real_refill = spool.spares.refill
+
+    def refill() -> None:
+        order.append("refill")
+        real_refill()
+
+    spool.spares.refill = refill  # type: ignore[method-assign]
+
+    async def session(i: int) -> None:
+        reception = spool.receive(make_envelope())
+        reception.write(MESSAGE)
+        await reception.submit(lambda: order.append(f"durable {i}"))
+        order.append(f"reply {i}")
+
+    await asyncio.gather(session(1), session(2))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert order == ["reply 1", "reply 2", "durable 1", "durable 2", "refill"]
+    assert len(names(spool, "incoming")) == 2
+
+
+async def test_a_session_cancelled_during_its_commit_leaves_the_message_queued(
+    spool: Spool,
+) -> None:
+    """A client that hangs up while its fsync runs gets no 250, but the message is not
+    withdrawn half-way: it is queued and the scheduler hears of it."""
+    envelope = make_envelope()
+    reception = spool.receive(envelope)
+    reception.write(MESSAGE)
+    durable = asyncio.Event()
+    waiting = asyncio.ensure_future(reception.submit(durable.set))
+    waiting.cancel()
+    await asyncio.wait_for(durable.wait(), 5)
+    assert waiting.cancelled()
+    assert names(spool, "incoming") == [envelope.queue_id] and names(spool, "tmp") == []
+    assert spool.load(envelope.queue_id, "incoming").read_content() == MESSAGE
+
+
 async def test_when_the_spares_run_out_a_reception_creates_its_file(spool: Spool) -> None:
     receptions = [spool.receive(make_envelope()) for _ in range(3)]  # none made yet
     for r in receptions:
@@ -206,6 +251,7 @@ async def test_free_files_are_bounded_and_removed_at_start(
 ) -> None:
     monkeypatch.setattr(store_module, "FREE_FILES", 2)
     spool.reuse_files = True
+    spool.spares = None  # nobody takes files back out of free/ while this fills it
     for _ in range(4):
         envelope = make_envelope()
         reception = spool.receive(envelope)
