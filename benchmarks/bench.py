@@ -272,9 +272,26 @@ class Sink:
             os.close(self._pty)
 
 
+# Process groups this run has started (relays and sinks): ``settle`` waits for them to end.
+STARTED_GROUPS: list[int] = []
+
+
+def settle() -> None:
+    """Start each measurement from a quiet machine: the previous one's processes gone and
+    its dirty pages written back, so neither relay pays for the other's leftovers (the
+    one measured first would otherwise share the disk with the last one's clean-up)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(group_pids(g) for g in STARTED_GROUPS):
+        time.sleep(0.05)
+    os.sync()
+    time.sleep(1.0)
+
+
 def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, float]:
+    settle()
     sink = Sink(free_port())
     relay.start(sink.port)
+    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
     sampler = Sampler(relay.pgid())
     sampler.sample()
     cpu_before = sampler.cpu_total()
@@ -313,8 +330,10 @@ def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, 
 
 
 def accept_latency(relay: Relay, messages: int) -> dict[str, float]:
+    settle()
     sink = Sink(free_port())
     relay.start(sink.port)
+    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
     body = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: latency\r\n\r\n").encode()
     body += b"x" * 76 + b"\r\n"
     body = body + (b"y" * 78 + b"\r\n") * (4096 // 80)
@@ -342,6 +361,7 @@ def big_message_memory(base: Path) -> dict[str, float]:
     (base / "big").mkdir()
     sink = Sink(free_port())
     relay.start(sink.port)
+    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
     sampler = Sampler(relay.pgid())
     time.sleep(0.5)
     sampler.sample()
@@ -427,6 +447,7 @@ def logins_per_1000(base: Path) -> dict[str, float]:
     (base / "logins").mkdir()
     sink = Sink(free_port())
     relay.start(sink.port)
+    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
     subprocess.run(
         [
             "smtp-source",
@@ -537,7 +558,7 @@ def report(results: dict[str, object]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=4000)
-    parser.add_argument("--latency-messages", type=int, default=500)
+    parser.add_argument("--latency-messages", type=int, default=2000)
     parser.add_argument("--spool-messages", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--json", action="store_true")

@@ -334,8 +334,8 @@ class SpareFiles:
         self.directory = directory
         self.free = free
         self.size = size
-        # (this process's number, how many): each takes its own share of free/, by the last
-        # hex digits of the names, so that they do not race for the same files.
+        # (this process's number, how many): each takes its own share of free/ first, by the
+        # last hex digits of the names, so that busy processes seldom race for a file.
         self.share = share
         self._ready: collections.deque[tuple[int, Path, bool]] = collections.deque()
         self._count = 0  # spare names: pid and counter, unique in spare/
@@ -378,9 +378,16 @@ class SpareFiles:
                     return None  # free/ was empty a moment ago
                 self._free_listed = now
                 index, count = self.share
-                self._candidates = [
-                    name for name in os.listdir(self.free) if _share_of(name, count) == index
-                ]
+                mine: list[str] = []
+                others: list[str] = []
+                for name in os.listdir(self.free):
+                    (mine if _share_of(name, count) == index else others).append(name)
+                # Its own share first (taken from the end); then the others' files, which a
+                # lone busy process needs: otherwise free/ fills with files it may not take,
+                # the scheduler deletes every file it frees and this process creates every
+                # file it uses, two of the dearest system calls on ext4. A file another
+                # process took first fails the rename and is skipped.
+                self._candidates = others + mine
                 if not self._candidates:
                     return None
             name = self._candidates.pop()

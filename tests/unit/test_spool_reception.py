@@ -277,18 +277,39 @@ async def test_without_accepting_processes_done_files_are_deleted(tmp_path: Path
 
 
 
-def test_accepting_processes_take_disjoint_shares_of_the_free_files(tmp_path: Path) -> None:
+def test_accepting_processes_take_their_own_shares_of_the_free_files_first(
+    tmp_path: Path,
+) -> None:
     spool = Spool(tmp_path)
     spool.prepare()
     names_in_free = [f"0660C47B815188{i:06X}" for i in range(40)]
     for name in names_in_free:
         (spool.root / "free" / name).write_bytes(b"old")
-    first = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 40, (0, 2))
-    second = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 40, (1, 2))
+    first = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (0, 2))
+    second = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (1, 2))
     first.refill()
     second.refill()
-    taken = [len([r for r in pool._ready if r[2]]) for pool in (first, second)]
-    assert taken == [20, 20]  # each its own half, and no file twice
-    assert names(spool, "free") == []
+    for pool in (first, second):
+        assert len(pool._ready) == 10
+        assert all(reused for _, _, reused in pool._ready)
+    left = names(spool, "free")  # ten of each share: neither took from the other's
+    assert sorted(reception_module._share_of(name, 2) for name in left) == [0] * 10 + [1] * 10
     first.close()
     second.close()
+
+
+def test_a_lone_accepting_process_also_takes_the_others_free_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    for i in range(6):
+        (spool.root / "free" / f"0660C47B815188{2 * i + 1:06X}").write_bytes(b"old")  # odd
+    lone = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 4, (0, 2))
+    # Another process took one of the listed files first: skipped, not an error.
+    lone._reuse(spool.root / "spare" / "probe")
+    os.unlink(spool.root / "spare" / "probe")
+    taken_by_other = names(spool, "free")[0]
+    os.unlink(spool.root / "free" / taken_by_other)
+    lone.refill()
+    assert len(lone._ready) == 4 and all(reused for _, _, reused in lone._ready)
+    assert len(names(spool, "free")) == 0
+    lone.close()
