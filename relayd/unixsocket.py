@@ -1,12 +1,34 @@
-"""Unix socket files of relayd (listeners, control.sock, submit.sock): safe reuse of a path."""
+"""Unix socket files of relayd (listeners, control.sock, submit.sock): safe reuse of a path;
+and who is at the other end."""
 
 from __future__ import annotations
 
+import pwd
 import socket
 import stat
+import struct
 from pathlib import Path
 
-__all__ = ["clear_stale_socket", "unix_socket_in_use"]
+from relayd.core.routing import UnixUser
+
+__all__ = ["clear_stale_socket", "peer_user", "unix_socket_in_use", "unix_user"]
+
+
+def unix_user(uid: int) -> UnixUser:
+    try:
+        return UnixUser(uid, pwd.getpwuid(uid).pw_name)
+    except KeyError:  # no passwd entry: known by its uid alone
+        return UnixUser(uid, None)
+
+
+def peer_user(sock: socket.socket) -> UnixUser | None:
+    """The user of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    return unix_user(uid)
 
 
 def unix_socket_in_use(path: Path) -> bool:

@@ -16,6 +16,7 @@ from relayd.config.model import ANONYMOUS, AccountConfig, ClientConfig, Config
 __all__ = [
     "Refusal",
     "RouteDecision",
+    "UnixUser",
     "check_address_syntax",
     "decide_route",
     "find_account",
@@ -32,6 +33,23 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class UnixUser:
+    """A local client known by its uid: the peer of a unix listener (SO_PEERCRED), the owner
+    of a maildrop file. ``unix_users`` names it by user name or by uid; ``name`` is None for
+    a uid without a passwd entry (a container's, a removed user's), which only its uid can
+    name."""
+
+    uid: int
+    name: str | None
+
+    def __str__(self) -> str:
+        return self.name if self.name is not None else f"uid {self.uid}"
+
+    def named_in(self, entries: tuple[str, ...]) -> bool:
+        return str(self.uid) in entries or (self.name is not None and self.name in entries)
+
+
+@dataclass(frozen=True)
 class RouteDecision:
     sender: str  # after rewrite_senders
     account: AccountConfig
@@ -41,7 +59,7 @@ def identify_client(
     config: Config,
     *,
     login: str | None = None,
-    unix_user: str | None = None,
+    unix_user: UnixUser | None = None,
     peer_ip: str | None = None,
 ) -> ClientConfig:
     """SPEC routing rule 1: AUTH login, else Unix user, else `networks`, else anonymous."""
@@ -49,7 +67,7 @@ def identify_client(
         return config.clients[login]
     if unix_user is not None:
         for client in config.clients.values():
-            if unix_user in client.unix_users:
+            if unix_user.named_in(client.unix_users):
                 return client
     if peer_ip is not None and any(client.networks for client in config.clients.values()):
         try:

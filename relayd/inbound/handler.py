@@ -32,6 +32,7 @@ from relayd.core.envelope import Envelope
 from relayd.core.routing import (
     Refusal,
     RouteDecision,
+    UnixUser,
     check_address_syntax,
     decide_route,
     identify_client,
@@ -89,7 +90,7 @@ class RelaySession(Session):
         self.listener = listener
         self.peer_ip: str | None = None
         self.peer_port: int | None = None
-        self.unix_user: str | None = None  # from SO_PEERCRED on a unix listener
+        self.unix_user: UnixUser | None = None  # from SO_PEERCRED on a unix listener
         self.tls = False
         self.login: str | None = None  # the client name, after a successful AUTH
 

@@ -20,17 +20,15 @@ import collections
 import contextlib
 import ipaddress
 import logging
-import pwd
 import re
-import socket
 import ssl
-import struct
 from collections.abc import Callable
 from typing import AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relayd.config.model import AuthPolicy, ListenerConfig
+from relayd.core.routing import UnixUser
 from relayd.inbound.data import HEADER_TOO_LARGE_REPLY, DataDecoder, HeaderSection
 from relayd.inbound.handler import (
     InboundHandler,
@@ -39,6 +37,7 @@ from relayd.inbound.handler import (
     Transaction,
     hook_names,
 )
+from relayd.unixsocket import peer_user
 
 __all__ = [
     "STORAGE_REPLY",
@@ -125,17 +124,9 @@ def _plain_ip(ip: str) -> str:
     return ip
 
 
-def _peer_unix_user(transport: asyncio.BaseTransport) -> str | None:
-    """The user name of the process at the other end of a unix socket (SO_PEERCRED)."""
+def _peer_unix_user(transport: asyncio.BaseTransport) -> UnixUser | None:
     sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", raw)
-        return pwd.getpwuid(uid).pw_name
-    except (OSError, KeyError):  # no credentials, or a uid without a passwd entry
-        return None
+    return None if sock is None else peer_user(sock)
 
 
 async def read_data_section(

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import secrets
 import stat
 import time
@@ -28,9 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayd.config.model import AuthPolicy, ListenerConfig, TlsMode
-from relayd.core.routing import Refusal, check_address_syntax, decide_route, identify_client
+from relayd.core.routing import (
+    Refusal,
+    UnixUser,
+    check_address_syntax,
+    decide_route,
+    identify_client,
+)
 from relayd.inbound.data import NUL_REPLY, SIZE_REPLY, HeaderSection
 from relayd.inbound.handler import InboundHandler, RelaySession, Transaction
+from relayd.unixsocket import unix_user
 
 __all__ = [
     "MAILDROP_MODE",
@@ -126,13 +132,6 @@ def prepare_maildrop(state_directory: Path) -> Path:
     return directory
 
 
-def _owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 class _DropSession(RelaySession):
     @property
     def peer_text(self) -> str:
@@ -212,7 +211,7 @@ class MaildropPickup:
             return False
         try:
             st = os.fstat(fd)
-            owner = _owner_name(st.st_uid)
+            owner = unix_user(st.st_uid)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 self._refuse(path, owner, "not a plain file with one link")
                 return False
@@ -240,17 +239,17 @@ class MaildropPickup:
         log.info("picked up %s from maildrop (uid of %s): %s", path.name, owner, reply)
         return True
 
-    def _refuse(self, path: Path, owner: str, reason: str) -> None:
+    def _refuse(self, path: Path, owner: UnixUser | str, reason: str) -> None:
         log.error("maildrop file %s from %s refused: %s; kept in %s",
                   path.name, owner, reason, self.refused)
         with contextlib.suppress(OSError):
             os.rename(path, self.refused / path.name)
 
-    async def inject(self, unix_user: str, drop: Drop) -> str:
+    async def inject(self, owner: UnixUser, drop: Drop) -> str:
         """The SMTP policy for a message that did not come over SMTP; the reply it earns."""
         handler = self.handler
         config = handler.config
-        client = identify_client(config, unix_user=unix_user)
+        client = identify_client(config, unix_user=owner)
         decision = decide_route(config, client, drop.sender, handler.local_hostnames)
         if isinstance(decision, Refusal):
             return decision.reply
@@ -267,7 +266,7 @@ class MaildropPickup:
         if len(content) > config.spool.max_message_size:
             return SIZE_REPLY
         session = _DropSession(asyncio.get_running_loop(), _DROP_LISTENER)
-        session.unix_user = unix_user
+        session.unix_user = owner
         tx = Transaction()
         tx.config, tx.client, tx.route = config, client, decision
         tx.original_sender = drop.sender

@@ -640,6 +640,18 @@ async def test_unix_listener_identifies_the_peer_user(start: Start, tmp_path: Pa
         assert not path.exists()
 
 
+async def test_unix_users_may_name_the_peer_by_uid(start: Start, tmp_path: Path) -> None:
+    config = build_config(tmp_path, listeners=(listener(unix=tmp_path / "smtp.sock"),))
+    by_uid = replace(config.clients["webapp"], unix_users=(str(os.getuid()),))
+    relay = await start(replace(config, clients={**config.clients, "webapp": by_uid}))
+    client = await relay.connect(ehlo=False)
+    await client.cmd("EHLO local")
+    await client.start_message(sender="bob@acme.example")  # only webapp may: *@acme.example
+    assert (await client.cmd(b"Subject: x\r\n\r\nhi\r\n.")).startswith("250 2.0.0")
+    envelope, _ = relay.message(relay.files("incoming")[0])
+    assert envelope.client == "webapp"
+
+
 def make_certificate(directory: Path) -> tuple[Path, Path]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

@@ -18,6 +18,7 @@ from relayd.config.model import ANONYMOUS, Config
 from relayd.core.routing import (
     Refusal,
     RouteDecision,
+    UnixUser,
     check_address_syntax,
     decide_route,
     find_account,
@@ -38,6 +39,7 @@ def _acme_config(**overrides: object) -> Config:
             may_send_as=["sales@acme.example", "support@acme.example"],
         ),
         make_client("webapp", unix_users=["www-data", "php"], may_send_as=["*@acme.example"]),
+        make_client("batch", unix_users=["1500"], may_send_as=["*@acme.example"]),
         make_client("scanner", networks=["192.168.10.0/24"], may_send_as=["scanner@acme.example"]),
         make_client("v6lan", networks=["fd00:10::/64"], may_send_as=["scanner@acme.example"]),
         make_client("front", may_send_as=["frontdesk@acme.example"]),
@@ -78,18 +80,27 @@ def cfg() -> Config:
 # -- rule 1: who is the client --------------------------------------------------------------
 
 
+WWW_DATA = UnixUser(33, "www-data")
+PHP = UnixUser(1001, "php")
+NOBODY = UnixUser(65534, "nobody")
+
+
 @pytest.mark.parametrize(
     ("login", "unix_user", "peer_ip", "expected"),
     [
         # AUTH login beats everything, even a Unix user and a network that name other clients.
-        ("crm", "www-data", "192.168.10.5", "crm"),
+        ("crm", WWW_DATA, "192.168.10.5", "crm"),
         ("webapp", None, "192.168.10.5", "webapp"),
         # Then the Unix user, even from a configured network.
-        (None, "www-data", "192.168.10.5", "webapp"),
-        (None, "php", None, "webapp"),
+        (None, WWW_DATA, "192.168.10.5", "webapp"),
+        (None, PHP, None, "webapp"),
+        # A uid in unix_users names its user, with or without a passwd entry.
+        (None, UnixUser(1500, "batchjobs"), None, "batch"),
+        (None, UnixUser(1500, None), None, "batch"),
         # An unknown Unix user falls through to networks, then to anonymous.
-        (None, "nobody", "192.168.10.5", "scanner"),
-        (None, "nobody", None, ANONYMOUS),
+        (None, NOBODY, "192.168.10.5", "scanner"),
+        (None, NOBODY, None, ANONYMOUS),
+        (None, UnixUser(1501, None), None, ANONYMOUS),
         (None, None, "192.168.10.5", "scanner"),
         (None, None, "192.168.10.255", "scanner"),
         (None, None, "192.168.11.5", ANONYMOUS),
@@ -101,11 +112,19 @@ def cfg() -> Config:
     ],
 )
 def test_identify_client_order(
-    cfg: Config, login: str | None, unix_user: str | None, peer_ip: str | None, expected: str
+    cfg: Config,
+    login: str | None,
+    unix_user: UnixUser | None,
+    peer_ip: str | None,
+    expected: str,
 ) -> None:
     client = identify_client(cfg, login=login, unix_user=unix_user, peer_ip=peer_ip)
     assert client.name == expected
     assert client is cfg.clients[expected]
+
+
+def test_a_unix_user_reads_as_its_name_or_its_uid() -> None:
+    assert (str(WWW_DATA), str(UnixUser(1500, None))) == ("www-data", "uid 1500")
 
 
 # -- may_send_as patterns ----------------------------------------------------------------------
