@@ -39,6 +39,7 @@ from relayd.secrets_index import all_secret_values
 from relayd.spool.accounts import AccountStore
 from relayd.spool.arrivals import ArrivalInbox
 from relayd.spool.scheduler import Scheduler
+from relayd.spool.sealing import spool_key
 from relayd.spool.store import RecoveryReport, Spool
 from relayd.sync.connections import ImapConnections
 from relayd.sync.filing import FilingStage
@@ -68,7 +69,7 @@ class Daemon:
         self.config = config
         self.fsync = fsync
         self.started_at = time.time()
-        self.spool = Spool(config.state_directory, fsync=fsync)
+        self.spool = Spool(config.state_directory, fsync=fsync, key=spool_key(config.spool))
         self.accounts = AccountStore(config.state_directory, fsync=fsync)
         self.token_store = TokenStore(config.state_directory, key=config.tokens_key, fsync=fsync)
         self.tokens = TokenSources(self.token_store)
@@ -252,6 +253,14 @@ class Daemon:
             return
         if config.accept_processes != self.config.accept_processes:
             log.warning("accept_processes changed: takes effect at the next start")
+        if (config.spool.encrypt_at_rest, config.spool.key) != (
+            self.config.spool.encrypt_at_rest,
+            self.config.spool.key,
+        ):
+            # Every process must seal and open with the same key: all change together.
+            log.warning(
+                "spool.encrypt_at_rest or spool.key changed: takes effect at the next start"
+            )
         try:
             notes = Listeners.check_reload(self._bound, config)
             if self._listeners is not None:

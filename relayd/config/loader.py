@@ -58,6 +58,7 @@ ROOT_KEYS = (
     "metrics",
 )
 SPOOL_KEYS = ("max_message_size", "retry", "delay_warning", "encrypt_at_rest", "key")
+MIN_SPOOL_KEY_BYTES = 32
 RETRY_KEYS = ("first", "max", "give_up_after")
 ALERTS_KEYS = ("via", "email", "webhook")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -207,24 +208,21 @@ def _spool(rd: NodeReader, item: Item) -> SpoolConfig:
         rd.error(retry.path, retry.line, "retry.first is longer than retry.max")
     encrypt = rd.boolean(f["encrypt_at_rest"]) or False
     key = read_secret(rd, f["key"])
-    if encrypt:
-        # Refused rather than ignored: a sysadmin who asks for encryption must not get
-        # plaintext files believing otherwise.
-        rd.error(
-            f["encrypt_at_rest"].path,
-            f["encrypt_at_rest"].line,
-            "spool encryption at rest is not available in this version of relayd; set it to "
-            "false (spool files are 0600 in 0700 directories owned by the relayd user)",
-        )
-    elif encrypt and not f["key"].present:
+    if encrypt and not f["key"].present:
         rd.error(
             f["encrypt_at_rest"].path,
             f["encrypt_at_rest"].line,
             "encrypt_at_rest: true needs spool.key "
             "(a secret value, e.g. {credential: relayd-spool-key})",
         )
-    elif key is not None and not encrypt:
-        rd.warn(f["key"].path, f["key"].line, "not used: encrypt_at_rest is false")
+    elif key is not None and len(key.reveal().encode()) < MIN_SPOOL_KEY_BYTES:
+        # HKDF derives keys; it does not stretch a guessable passphrase.
+        rd.error(
+            f["key"].path,
+            f["key"].line,
+            f"too short for a key: give at least {MIN_SPOOL_KEY_BYTES} random characters, "
+            "e.g. the output of `openssl rand -base64 32`",
+        )
     delay_warning = rd.duration(f["delay_warning"], allow_zero=True)
     size = rd.size(f["max_message_size"])
     if size == 0:

@@ -37,6 +37,7 @@ from relayd.inbound.listeners import BoundListener, start_listeners
 from relayd.log import configure_logging, redactor
 from relayd.secrets_index import all_secret_values
 from relayd.spool.arrivals import Announcer
+from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
 __all__ = ["SPEC_ENV", "WorkerChannels", "run_worker", "serve"]
@@ -121,7 +122,11 @@ async def serve(
     # This process only receives: its commits may run on its event loop, and files are
     # created ahead of need (relayd.spool.reception).
     spool = Spool(
-        config.state_directory, commit_in_loop=True, spare_files=SPARE_FILES, share=share
+        config.state_directory,
+        commit_in_loop=True,
+        spare_files=SPARE_FILES,
+        share=share,
+        key=spool_key(config.spool),
     )
     if spool.spares is not None:
         spool.spares.refill()

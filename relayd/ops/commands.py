@@ -24,6 +24,7 @@ from relayd.ops.events import is_operator_hold, set_operator_hold
 from relayd.ops.spoolview import QueueEntry, entries, find_entry
 from relayd.ops.status import gather, render_table
 from relayd.spool.accounts import AccountStore
+from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
 __all__ = [
@@ -190,7 +191,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if needs_id and not queue_id:
         print(f"error: queue {action} needs a queue ID", file=sys.stderr)
         return EXIT_USAGE
-    spool = Spool(config.state_directory, fsync=True)
+    spool = Spool(config.state_directory, fsync=True, key=spool_key(config.spool))
     try:
         if action == "list":
             _print_list(entries(spool, account=account), args.json)

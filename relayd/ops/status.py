@@ -20,6 +20,7 @@ from relayd.core.sentcopy import FILING_KEY
 from relayd.ops.hints import hint_for
 from relayd.ops.spoolview import WAITING, spool_bytes
 from relayd.spool.accounts import AccountStore
+from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
 __all__ = ["AccountStatus", "StatusReport", "gather", "render_table"]
@@ -137,7 +138,7 @@ def _scan_spool(spool: Spool) -> tuple[dict[str, int], dict[str, int], dict[str,
 
 def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
     """The report; ``live`` is the daemon's answer to ``status``, None when it is not running."""
-    spool = Spool(config.state_directory, fsync=False)
+    spool = Spool(config.state_directory, fsync=False, key=spool_key(config.spool))
     if (spool.root / "incoming").is_dir():
         queues, queued, backlog = _scan_spool(spool)
     else:

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from relayd.core.envelope import Envelope
 from relayd.errors import SpoolError
+from relayd.spool.sealing import SegmentSealer
 
 if TYPE_CHECKING:
     from relayd.spool.store import Spool
 
 __all__ = [
     "MAGIC",
+    "SEALED_MAGIC",
     "SPILL_BYTES",
     "GroupCommitter",
     "Reception",
@@ -37,6 +39,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAGIC = b"RELAYD1 "
+# A file sealed with spool.key (relayd.spool.sealing): the header is the salt and the sealed
+# envelope, the content is sealed segments, the trailer counts the bytes as stored.
+SEALED_MAGIC = b"RELAYD1S "
 TRAILER_PREFIX = b"\r\nRELAYD-END "
 TRAILER_LEN = len(TRAILER_PREFIX) + 16 + 2  # 16 hex digits of content length + CRLF
 
@@ -102,19 +107,36 @@ class Reception:
         # Unbuffered: the buffering is ``_pending``, written with writev.
         self._file = os.fdopen(fd, "wb", buffering=0)
         header = envelope.to_json()
+        magic = MAGIC
+        self._sealer: SegmentSealer | None = None
+        key = spool.key
+        if key is not None and key.seal_new:
+            salt, cipher = key.new_file(self.queue_id)
+            header = salt + cipher.seal_envelope(header)
+            self._sealer = cipher.sealer()
+            magic = SEALED_MAGIC
         self._pending: list[bytes] = [
-            MAGIC + f"{len(header)}".encode() + b"\r\n" + header + b"\r\n"
+            magic + f"{len(header)}".encode() + b"\r\n" + header + b"\r\n"
         ]
         self._pending_size = len(self._pending[0])
+        self._stored = 0  # content bytes as they go to the file (sealed, when sealing)
 
     def write(self, chunk: bytes) -> None:
         """Append content; an OSError here (disk full) means the caller must abort."""
         assert self._file is not None, "reception already finished"
         if not chunk:
             return
+        self.length += len(chunk)
+        if self._sealer is None:
+            self._store(chunk)
+            return
+        for sealed in self._sealer.feed(chunk):
+            self._store(sealed)
+
+    def _store(self, chunk: bytes) -> None:
         self._pending.append(chunk)
         self._pending_size += len(chunk)
-        self.length += len(chunk)
+        self._stored += len(chunk)
         if self._pending_size >= SPILL_BYTES:
             self._spill()
 
@@ -132,7 +154,9 @@ class Reception:
 
     def close_file(self, *, sync: bool) -> None:
         assert self._file is not None
-        end = trailer(self.length)
+        if self._sealer is not None:
+            self._store(self._sealer.finish())
+        end = trailer(self._stored)
         self._pending.append(end)
         self._pending_size += len(end)
         self._spill()

@@ -446,9 +446,17 @@ class Scheduler:
         pending = state.pending(envelope)
         # The spooled message itself: small ones were read with the envelope, big ones are
         # streamed from the file block by block (relayd.upstream.dataphase).
-        report, session = await self.deliverer.attempt(
-            account, envelope.sender, pending, msg, session, smtputf8=envelope.smtputf8
-        )
+        try:
+            report, session = await self.deliverer.attempt(
+                account, envelope.sender, pending, msg, session, smtputf8=envelope.smtputf8
+            )
+        except SpoolError as exc:
+            # Found while streaming a big file (a small one is read whole at load): cut
+            # short, or a sealed segment that does not open. Never sent; kept for a look.
+            log.error("cannot read: %s; quarantined", exc, extra=logx)
+            self._park(qid, "corrupt", source="active")
+            self._forget(qid)
+            return None  # the session was dropped mid-DATA
         lane.logins += report.sessions_opened
         now = self.clock()
         paused = self._apply_signal(account, report, now, logx)

@@ -43,6 +43,7 @@ from relayd.core.sentcopy import awaits_filing
 from relayd.errors import SpoolError
 from relayd.spool.reception import (
     MAGIC,
+    SEALED_MAGIC,
     TRAILER_LEN,
     GroupCommitter,
     Reception,
@@ -50,6 +51,7 @@ from relayd.spool.reception import (
     fsync_dir,
     trailer,
 )
+from relayd.spool.sealing import SALT_BYTES, FileCipher, SpoolKey, plaintext_length
 
 __all__ = [
     "QUEUES",
@@ -93,13 +95,19 @@ class StoredMessage:
     content_length: int
     # The content, when the file was small enough to be read whole with its envelope.
     preloaded: bytes | None = field(default=None, repr=False, compare=False)
+    # A sealed file (relayd.spool.sealing): its key, and the content's length as stored.
+    cipher: FileCipher | None = field(default=None, repr=False, compare=False)
+    stored_length: int | None = None
 
     def read_content(self) -> bytes:
         if self.preloaded is not None:
             return self.preloaded
         with open(self.path, "rb") as f:
             f.seek(self.content_offset)
-            return f.read(self.content_length)
+            if self.cipher is None:
+                return f.read(self.content_length)
+            assert self.stored_length is not None
+            return self.cipher.open_all(f.read(self.stored_length))
 
     def iter_content(self, chunk_size: int = 1 << 16) -> Iterator[bytes]:
         if self.preloaded is not None:
@@ -108,6 +116,12 @@ class StoredMessage:
             return
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.content_offset)
+            if self.cipher is not None:
+                assert self.stored_length is not None
+                for segment in self.cipher.iter_open(f.read, self.stored_length):
+                    for start in range(0, len(segment), chunk_size):
+                        yield segment[start : start + chunk_size]
+                return
             left = self.content_length
             while left > 0:
                 chunk = f.read(min(chunk_size, left))
@@ -135,11 +149,14 @@ class Spool:
         spare_files: int = 0,
         reuse_files: bool = False,
         share: tuple[int, int] = (0, 1),
+        key: SpoolKey | None = None,
     ) -> None:
         """``commit_in_loop`` and ``spare_files``: for a process that only receives (see
         ``GroupCommitter`` and ``SpareFiles``); ``reuse_files``: ``retire`` keeps files
-        for such processes to reuse."""
+        for such processes to reuse; ``key``: ``spool.key``, which opens sealed files and,
+        with ``encrypt_at_rest``, seals new ones."""
         self.root = state_directory / "spool"
+        self.key = key
         # "<root>/<queue>/" as text: the hot paths join names without pathlib.
         self._dirs = {name: f"{self.root}/{name}/" for name in ("tmp", *QUEUES, "state", FREE)}
         self.reuse_files = reuse_files
@@ -266,15 +283,22 @@ class Spool:
                 whole = size <= preload
                 data = f.read(size if whole else _HEAD_READ)
                 end = data.find(b"\r\n", 0, 64)
-                if not data.startswith(_MAGIC) or end < 0:
+                sealed = data.startswith(SEALED_MAGIC)
+                magic = SEALED_MAGIC if sealed else _MAGIC
+                if not data.startswith(magic) or end < 0:
                     raise SpoolError("bad header line")
-                header_len = int(data[len(_MAGIC) : end])
+                header_len = int(data[len(magic) : end])
                 offset = end + 2 + header_len + 2
                 if offset > len(data) and not whole:
                     data += f.read(offset - len(data))
                 if len(data) < offset or data[offset - 2 : offset] != b"\r\n":
                     raise SpoolError("truncated envelope")
-                envelope = Envelope.from_json(data[end + 2 : offset - 2])
+                header = data[end + 2 : offset - 2]
+                cipher = None
+                if sealed:
+                    cipher = self._file_cipher(name, header[:SALT_BYTES])
+                    header = cipher.open_envelope(header[SALT_BYTES:])
+                envelope = Envelope.from_json(header)
                 if size < offset + _TRAILER_LEN:
                     raise SpoolError("no end record")
                 if whole:
@@ -294,7 +318,29 @@ class Spool:
         if envelope.queue_id != name:
             raise SpoolError("queue id does not match file name")
         content = data[offset : offset + length] if whole else None
-        return StoredMessage(name, queue, Path(path), envelope, offset, length, content)
+        if cipher is None:
+            return StoredMessage(name, queue, Path(path), envelope, offset, length, content)
+        if content is not None:
+            content = cipher.open_all(content)
+        return StoredMessage(
+            name,
+            queue,
+            Path(path),
+            envelope,
+            offset,
+            plaintext_length(length),
+            content,
+            cipher=cipher,
+            stored_length=length,
+        )
+
+    def _file_cipher(self, queue_id: str, salt: bytes) -> FileCipher:
+        if self.key is None:
+            raise SpoolError(
+                "sealed with a spool.key, and none is configured: set spool.key again "
+                "(files stay sealed after encrypt_at_rest is turned off)"
+            )
+        return self.key.for_file(salt, queue_id)
 
     def move(self, queue_id: str, source: str, target: str) -> None:
         os.rename(self._dirs[source] + queue_id, self._dirs[target] + queue_id)

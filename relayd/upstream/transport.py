@@ -24,6 +24,7 @@ import aiosmtplib
 from relayd.config.model import AccountConfig, TlsMode
 from relayd.config.values import is_loopback_host
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+from relayd.errors import SpoolError
 from relayd.oauth.tokens import AccessToken
 from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
 from relayd.upstream.channel import ReplyChannel
@@ -322,6 +323,11 @@ class UpstreamSession:
                 await self._reset_quietly(channel)
             for rcpt in accepted:
                 replies[rcpt] = (Phase.DATA, final)
+        except SpoolError:
+            # The message file, not the server: the connection is dropped without the final
+            # dot (the server discards the cut message) and the spool deals with the file.
+            self.close()
+            raise
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             self.close()
             failure = _failure_from(exc, Phase.DATA)

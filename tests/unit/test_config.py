@@ -759,12 +759,23 @@ def test_bad_secret_forms(tmp_path: Path, secret: str, message: str) -> None:
     assert info.value.problems == [f"tenants.t.accounts[0].password: line 6: {message}"]
 
 
-def test_spool_encryption_is_refused_not_ignored(tmp_path: Path) -> None:
+def test_spool_encryption_needs_a_key_of_real_strength(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [problem] = problems(tmp_path, "spool:\n  encrypt_at_rest: true\n")
+    assert problem == (
+        "spool.encrypt_at_rest: line 2: encrypt_at_rest: true needs spool.key "
+        "(a secret value, e.g. {credential: relayd-spool-key})"
+    )
     [problem] = problems(tmp_path, "spool:\n  encrypt_at_rest: true\n  key: {env: PW}\n")
-    assert problem.startswith("spool.encrypt_at_rest: line 2: spool encryption at rest is not")
-    config = load(tmp_path, "spool:\n  encrypt_at_rest: false\ntokens: {key: {env: PW}}\n")
-    assert config.spool.encrypt_at_rest is False
-    assert config.tokens_key is not None and config.tokens_key.source == "env:PW"
+    assert problem.startswith("spool.key: line 3: too short for a key: give at least 32 ")
+    monkeypatch.setenv("SPOOL_KEY", "k" * 32)
+    config = load(tmp_path, "spool:\n  encrypt_at_rest: true\n  key: {env: SPOOL_KEY}\n")
+    assert config.spool.encrypt_at_rest is True
+    assert config.spool.key is not None and config.spool.key.source == "env:SPOOL_KEY"
+    # Turned off, the key stays configured to open the files sealed meanwhile.
+    config = load(tmp_path, "spool:\n  encrypt_at_rest: false\n  key: {env: SPOOL_KEY}\n")
+    assert config.spool.encrypt_at_rest is False and config.spool.key is not None
 
 
 # -- presets and merging ----------------------------------------------------------------------
