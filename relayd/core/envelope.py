@@ -65,6 +65,7 @@ class DeliveryState:
     last_reply: str = ""
     delivered_at: float | None = None
     relay: str = ""
+    delay_warned: bool = False  # the one "still trying" DSN (spool.delay_warning) went out
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pending(self, envelope: Envelope) -> tuple[str, ...]:

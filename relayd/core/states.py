@@ -39,6 +39,8 @@ class Plan:
     state: DeliveryState
     bounce: tuple[RecipientResult, ...]  # newly bounced: they get a DSN
     expired: bool
+    # Still waiting past spool.delay_warning: they get the one "delayed" DSN (RFC 3464).
+    delayed: tuple[RecipientResult, ...] = ()
 
 
 def plan_after_attempt(
@@ -51,9 +53,15 @@ def plan_after_attempt(
     random_unit: float,
     relay: str,
     account_paused: bool = False,
+    delay_warning: float = 0.0,
 ) -> Plan:
     """``account_paused``: the attempt's credential refusal paused the account (hold the mail);
-    a first refusal only defers it, so the second consecutive one can decide (SPEC "held")."""
+    a first refusal only defers it, so the second consecutive one can decide (SPEC "held").
+
+    ``delay_warning`` (seconds, 0 = off): a message deferred that long after its arrival
+    earns its sender one "delayed" DSN, as Postfix's ``delay_warning_time`` does; never about
+    a DSN, and not for held mail, which waits on the account rather than on the upstream.
+    """
     delivered = list(state.delivered)
     bounced = list(state.bounced)
     new_bounces: list[RecipientResult] = []
@@ -97,6 +105,14 @@ def plan_after_attempt(
     if held and account_paused:
         return Plan(Target.HOLD, new_state.but(next_attempt_at=0.0), tuple(new_bounces), False)
     delay = next_delay(policy, attempts, random_unit)
-    return Plan(
-        Target.DEFERRED, new_state.but(next_attempt_at=now + delay), tuple(new_bounces), False
-    )
+    new_state = new_state.but(next_attempt_at=now + delay)
+    delayed: tuple[RecipientResult, ...] = ()
+    if (
+        delay_warning > 0
+        and not state.delay_warned
+        and not envelope.is_dsn
+        and now - envelope.received_at >= delay_warning
+    ):
+        delayed = tuple(waiting)
+        new_state = new_state.but(delay_warned=True)
+    return Plan(Target.DEFERRED, new_state, tuple(new_bounces), False, delayed)

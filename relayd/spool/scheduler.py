@@ -33,7 +33,7 @@ from relayd.core.health import AccountHealth, AccountState
 from relayd.core.retry import next_delay
 from relayd.core.routing import find_account
 from relayd.core.sentcopy import awaits_filing
-from relayd.core.states import Plan, Target, plan_after_attempt
+from relayd.core.states import Plan, RecipientResult, Target, plan_after_attempt
 from relayd.errors import SpoolError
 from relayd.ops.events import DeliveryEvents, is_operator_hold, set_operator_hold
 from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
@@ -469,6 +469,7 @@ class Scheduler:
             random_unit=self.rand(),
             relay=report.relay,
             account_paused=paused,
+            delay_warning=self.config.spool.delay_warning,
         )
         self._log_attempt(msg, plan, report, now, logx)
         await self._carry_out(msg, account, plan, logx, has_state=not fresh)
@@ -580,7 +581,25 @@ class Scheduler:
     ) -> None:
         qid = msg.queue_id
         if plan.bounce:
-            await self._send_dsn(msg, account, plan, logx)
+            reason = (
+                "The message could not be delivered before the retry lifetime ended."
+                if plan.expired
+                else "The receiving server refused these recipients permanently."
+            )
+            await self._send_dsn(msg, account, plan.bounce, plan.state.relay, reason, logx)
+        if plan.delayed:
+            retry = self.config.spool.retry
+            until = msg.envelope.received_at + retry.give_up_after
+            await self._send_dsn(
+                msg,
+                account,
+                plan.delayed,
+                plan.state.relay,
+                "This is a warning only: delivery is being retried, and you need not send "
+                "the message again.",
+                logx,
+                retry_until=until,
+            )
         if plan.target is Target.DONE:
             # The Sent copy is a step of its own: the message moves to copy/ and is the
             # filing stage's from here, so IMAP trouble never sends it again.
@@ -598,22 +617,24 @@ class Scheduler:
         self._defer(qid, plan.state.next_attempt_at)
 
     async def _send_dsn(
-        self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
+        self,
+        msg: StoredMessage,
+        account: AccountConfig,
+        results: tuple[RecipientResult, ...],
+        relay: str,
+        reason: str,
+        logx: dict[str, str],
+        *,
+        retry_until: float | None = None,
     ) -> None:
+        """A DSN to the sender about ``results``: bounced ones, or with ``retry_until`` the
+        "delayed" warning (``spool.delay_warning``)."""
         envelope = msg.envelope
         if envelope.is_dsn:
             log.warning("a DSN could not be delivered; no DSN is written about a DSN", extra=logx)
             return
         content = await asyncio.to_thread(msg.read_content)
-        bounced = [
-            BouncedRecipient(r.recipient, r.status, r.reply, plan.state.relay.rpartition(":")[0])
-            for r in plan.bounce
-        ]
-        reason = (
-            "The message could not be delivered before the retry lifetime ended."
-            if plan.expired
-            else "The receiving server refused these recipients permanently."
-        )
+        remote_mta = relay.rpartition(":")[0]
         dsn_bytes = build_dsn(
             queue_id=msg.queue_id,
             reporting_host=self.reporting_host,
@@ -621,9 +642,12 @@ class Scheduler:
             to_address=envelope.sender,
             original_sender=envelope.sender,
             received_at=envelope.received_at,
-            recipients=bounced,
+            recipients=[
+                BouncedRecipient(r.recipient, r.status, r.reply, remote_mta) for r in results
+            ],
             original_content=content,
             reason=reason,
+            retry_until=retry_until,
         )
         # The DSN goes into the sender's own mailbox (SPEC "DSNs"): filed in its INBOX over
         # IMAP when the account has IMAP, else sent through the same account to itself.
@@ -638,10 +662,12 @@ class Scheduler:
             tenant=envelope.tenant,
             is_dsn=True,
         )
+        kind = "delay" if retry_until is not None else "non-delivery"
         filing = self.filing
         if filing is not None and await filing.take_dsn(dsn_envelope, dsn_bytes, account):
             log.info(
-                "sender non-delivery notification: %s, for the INBOX over IMAP",
+                "sender %s notification: %s, for the INBOX over IMAP",
+                kind,
                 dsn_envelope.queue_id,
                 extra=logx,
             )
@@ -654,7 +680,7 @@ class Scheduler:
             log.error("cannot spool DSN", extra=logx)
             return
         dsn_id = await reception.commit()
-        log.info("sender non-delivery notification: %s", dsn_id, extra=logx)
+        log.info("sender %s notification: %s", kind, dsn_id, extra=logx)
         self.submit(dsn_id)
 
     # -- paused accounts ----------------------------------------------------------------

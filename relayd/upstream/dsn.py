@@ -48,13 +48,22 @@ def build_dsn(
     recipients: list[BouncedRecipient],
     original_content: bytes,
     reason: str,
+    retry_until: float | None = None,
 ) -> bytes:
+    """A DSN about ``recipients``: "failed" ones (RFC 3464 §2.3.3), or with ``retry_until``
+    (when relayd gives up) "delayed" ones, a warning while delivery goes on."""
+    delayed = retry_until is not None
     boundary = f"relayd-dsn-{secrets.token_hex(8)}"
     now = time.time()
+    subject = (
+        f"Delayed Mail (still being retried) ({queue_id})"
+        if delayed
+        else f"Undelivered Mail Returned to Sender ({queue_id})"
+    )
     lines = [
         f"From: Mail Delivery System <{from_address}>",
         f"To: <{to_address}>",
-        f"Subject: Undelivered Mail Returned to Sender ({queue_id})",
+        f"Subject: {subject}",
         f"Date: {email.utils.formatdate(now, localtime=True)}",
         f"Message-ID: <{queue_id}.dsn.{secrets.token_hex(6)}@{reporting_host}>",
         "Auto-Submitted: auto-replied",  # RFC 3834: no DSN is ever written about this one
@@ -66,7 +75,9 @@ def build_dsn(
         f"--{boundary}",
         "Content-Type: text/plain; charset=us-ascii",
         "",
-        f"relayd on {reporting_host} could not deliver your message {queue_id}",
+        f"relayd on {reporting_host} "
+        + ("has not yet delivered" if delayed else "could not deliver")
+        + f" your message {queue_id}",
         f"sent as <{_ascii(original_sender)}> to the following recipients:",
         "",
     ]
@@ -82,13 +93,14 @@ def build_dsn(
         lines += [
             "",
             f"Final-Recipient: rfc822; {_ascii(r.address)}",
-            "Action: failed",
+            "Action: delayed" if delayed else "Action: failed",
             f"Status: {r.status}",
-            f"Remote-MTA: dns; {_ascii(r.remote_mta)}" if r.remote_mta else "",
-            f"Diagnostic-Code: smtp; {_ascii(r.diagnostic)}",
         ]
-        if not r.remote_mta:
-            lines.pop(-2)
+        if r.remote_mta:
+            lines.append(f"Remote-MTA: dns; {_ascii(r.remote_mta)}")
+        lines.append(f"Diagnostic-Code: smtp; {_ascii(r.diagnostic)}")
+        if retry_until is not None:
+            lines.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=True)}")
     lines += ["", f"--{boundary}", "Content-Type: text/rfc822-headers", ""]
     head = "\r\n".join(lines).encode() + b"\r\n"
     tail = f"\r\n--{boundary}--\r\n".encode()

@@ -1,6 +1,9 @@
-"""A recipient Postfix refuses with 5xx: a DSN lands in the sender's own mailbox."""
+"""A recipient Postfix refuses with 5xx: a DSN lands in the sender's own mailbox; and mail
+that waits past spool.delay_warning: one "delayed" DSN there."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from test_relay_delivery import message, send
@@ -35,3 +38,51 @@ def test_rejected_recipient_bounces_into_senders_mailbox(mail_world, new_mailbox
     log = setup.relayd.log()
     assert f"to=<{refused}>" in log and "status=bounced" in log
     assert setup.relayd.stop() == 0
+
+
+def test_mail_deferred_past_delay_warning_tells_the_sender_once(
+    mail_world, new_mailbox, relay_for
+):
+    """spool.delay_warning: one "delayed" DSN while the upstream is down, then the mail."""
+    sender, rcpt = new_mailbox("delayed"), new_mailbox("rcpt")
+    setup = relay_for(sender)
+    setup.config["spool"]["delay_warning"] = "1s"
+    setup.rewrite_config()
+    mail_world.stop_postfix()
+    try:
+        setup.relayd.start()
+        reply = send(
+            setup.port,
+            sender.address,
+            [rcpt.address],
+            message(sender.address, rcpt.address, "slow going"),
+            login=("app", setup.client_password),
+        )
+        queue_id = reply.rsplit(" ", 1)[1]
+        setup.relayd.wait_for_log("sender delay notification")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(deferrals(setup, queue_id)) < 3:
+            time.sleep(0.2)
+        assert len(deferrals(setup, queue_id)) >= 3  # tried again and again: still one warning
+        mail_world.start_postfix()
+        [delivered] = mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
+        [warning] = mail_world.wait_for_messages(sender.name, 1, timeout=30)
+    finally:
+        if not mail_world.postfix_running:
+            mail_world.start_postfix()
+    assert b"Subject: slow going" in delivered
+    assert b"Subject: Delayed Mail (still being retried)" in warning
+    assert f"Final-Recipient: rfc822; {rcpt.address}".encode() in warning
+    assert b"Action: delayed" in warning and b"Will-Retry-Until: " in warning
+    assert queue_id.encode() in warning
+    time.sleep(1.0)
+    assert len(mail_world.messages(sender.name)) == 1
+    assert setup.relayd.log().count("sender delay notification") == 1
+    assert setup.relayd.stop() == 0
+
+
+def deferrals(setup, queue_id: str) -> list[str]:
+    return [
+        line for line in setup.relayd.log().splitlines()
+        if queue_id in line and "status=deferred" in line
+    ]

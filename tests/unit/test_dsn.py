@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
 from email.message import Message
 
@@ -32,6 +33,7 @@ def dsn(
     original: bytes = ORIGINAL,
     reason: str = "The receiving server refused these recipients permanently.",
     original_sender: str = "alice@acme.example",
+    retry_until: float | None = None,
 ) -> bytes:
     return build_dsn(
         queue_id="0000Q1",
@@ -43,6 +45,7 @@ def dsn(
         recipients=[BOB, CAROL] if recipients is None else recipients,
         original_content=original,
         reason=reason,
+        retry_until=retry_until,
     )
 
 
@@ -235,3 +238,16 @@ def test_a_huge_header_section_is_cut_at_a_line_end() -> None:
     raw = dsn(original=_huge_header_section())
     assert re.search(rb"\r(?!\n)", raw) is None, "bare CR"
     assert re.search(rb"(?<!\r)\n", raw) is None, "bare LF"
+
+
+def test_a_delay_warning_says_delayed_and_until_when() -> None:
+    carol_waiting = BouncedRecipient("carol@dest.example", "4.2.0", "451 4.2.0 busy", "")
+    raw = dsn([carol_waiting], reason="This is a warning only.", retry_until=1_700_432_000.0)
+    msg = parse(raw)
+    assert msg["Subject"].startswith("Delayed Mail (still being retried)")
+    status = msg.get_payload()[1].get_payload()  # type: ignore[index, union-attr]
+    fields = status[1]
+    assert fields["Action"] == "delayed" and fields["Status"] == "4.2.0"
+    assert fields["Will-Retry-Until"] == email.utils.formatdate(1_700_432_000.0, localtime=True)
+    assert b"has not yet delivered your message 0000Q1" in raw
+    assert b"Action: failed" not in raw and b"Will-Retry-Until" not in dsn()

@@ -51,6 +51,7 @@ def plan(
     random_unit: float = 0.5,
     paused: bool = False,
     envelope: Envelope = ENV,
+    delay_warning: float = 0.0,
 ) -> Plan:
     return plan_after_attempt(
         envelope,
@@ -61,6 +62,7 @@ def plan(
         random_unit=random_unit,
         relay=RELAY,
         account_paused=paused,
+        delay_warning=delay_warning,
     )
 
 
@@ -226,6 +228,41 @@ def test_paused_flag_without_held_results_does_not_hold() -> None:
 
 
 # -- the records' JSON forms ---------------------------------------------------------------------
+
+
+# -- spool.delay_warning -------------------------------------------------------------------------
+
+FOUR_HOURS = 4 * 3600.0
+
+
+def test_a_message_deferred_past_delay_warning_earns_one_warning() -> None:
+    results = [res(A, D), res(B, F), res(C, X)]
+    early = plan(results, now=RECEIVED + FOUR_HOURS - 1, delay_warning=FOUR_HOURS)
+    assert early.delayed == () and not early.state.delay_warned
+    first = plan(results, now=RECEIVED + FOUR_HOURS, delay_warning=FOUR_HOURS)
+    assert first.target is Target.DEFERRED
+    assert [r.recipient for r in first.delayed] == [B]  # the one still waiting, no other
+    assert first.delayed[0].status == "4.2.0" and first.state.delay_warned
+    again = plan([res(B, F)], first.state, now=RECEIVED + 2 * FOUR_HOURS, delay_warning=FOUR_HOURS)
+    assert again.delayed == () and again.state.delay_warned  # one warning, not one per try
+
+
+@pytest.mark.parametrize("case", ["off", "a DSN", "held", "done", "expired"])
+def test_no_delay_warning(case: str) -> None:
+    late = RECEIVED + FOUR_HOURS
+    if case == "off":
+        p = plan([res(A, F)], now=late, delay_warning=0.0)
+    elif case == "a DSN":
+        dsn = make_envelope(recipients=(A,), received_at=RECEIVED, is_dsn=True)
+        p = plan([res(A, F)], now=late, envelope=dsn, delay_warning=FOUR_HOURS)
+    elif case == "held":
+        p = plan([res(A, H)], now=late, paused=True, delay_warning=FOUR_HOURS)
+    elif case == "done":
+        p = plan([res(A, D), res(B, D), res(C, X)], now=late, delay_warning=FOUR_HOURS)
+    else:
+        p = plan([res(A, F)], now=RECEIVED + P.give_up_after, delay_warning=FOUR_HOURS)
+    assert p.delayed == ()
+    assert not p.state.delay_warned
 
 
 @pytest.mark.parametrize(
