@@ -5,7 +5,7 @@ keeping its upstream session open across messages (one login, many messages — 
 "454 Too many login attempts" to a login per message). A paused or unhealthy account's lane
 does not run, so it never slows another account. Deferred messages wait on one timer heap.
 Decisions about what an attempt means live in ``relayd.core``; this module only moves files
-and tasks accordingly.
+and tasks accordingly, and leaves the sender's DSNs to ``relayd.spool.notices``.
 
 Messages come in through ``accept_new`` (accepted here or announced by an accepting process,
 relayd.spool.arrivals), ``submit`` (released, retried, relayd's own mail) and, at start, the
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import heapq
 import logging
 import random
-import socket
 import sys
 import time
 from collections import deque
@@ -28,55 +26,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
-from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.envelope import DeliveryState
 from relayd.core.health import AccountHealth, AccountState
 from relayd.core.retry import next_delay
 from relayd.core.routing import find_account
 from relayd.core.sentcopy import awaits_filing
-from relayd.core.states import Plan, RecipientResult, Target, plan_after_attempt
+from relayd.core.states import Plan, Target, plan_after_attempt
 from relayd.errors import SpoolError
 from relayd.ops.events import DeliveryEvents, is_operator_hold, set_operator_hold
-from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
+from relayd.spool.accounts import (
+    HEALTH_SAVE_SECONDS,
+    AccountStore,
+    HealthBook,
+    credentials_fingerprint,
+)
 from relayd.spool.intake import SpoolIntake
-from relayd.spool.store import Spool, StoredMessage, new_queue_id
+from relayd.spool.notices import SenderNotices
+from relayd.spool.store import Spool, StoredMessage
 from relayd.sync.backlog import FILING_QUEUE
 from relayd.sync.filing import FilingStage
 from relayd.upstream.delivery import AccountSignal, AttemptReport, Deliverer
-from relayd.upstream.dsn import BouncedRecipient, build_dsn
 from relayd.upstream.transport import UpstreamSession
 
-__all__ = ["Scheduler", "credentials_fingerprint"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
 
 IDLE_SESSION_SECONDS = 30.0
 # A message file up to this size is read whole, with its envelope, at the attempt.
 PRELOAD_BYTES = 1 << 18
-
-
-def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
-    """Changes when the configured credentials change; reveals nothing usable about them.
-
-    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
-    changes it (and resumes a paused account), a routine token rotation does not.
-    """
-    h = hashlib.sha256(b"relayd-credentials\0")
-    h.update(account.username.encode())
-    if account.password is not None:
-        h.update(b"\0password\0" + account.password.reveal().encode())
-    if account.oauth is not None:
-        h.update(b"\0oauth\0" + repr(account.oauth).encode())
-        # repr() hides secret values: a new client secret or refresh token must count too.
-        for secret in (
-            account.oauth.client_secret,
-            account.oauth.certificate,
-            account.oauth.service_account_key,
-            account.oauth.refresh_token,
-        ):
-            if secret is not None:
-                h.update(b"\0" + secret.reveal().encode())
-        h.update(b"\0consent\0" + consent.encode())
-    return h.hexdigest()[:24]
 
 
 @dataclass
@@ -111,7 +89,7 @@ class Scheduler:
         self.deliverer = deliverer
         self.clock = clock
         self.rand = rand
-        self.reporting_host = config.helo_name or socket.getfqdn()
+        self.notices = SenderNotices(self)
         self._lanes: dict[str, _Lane] = {}
         self._health = HealthBook(accounts)
         self._timers: list[tuple[float, str]] = []  # (due, queue id) for deferred/
@@ -580,26 +558,8 @@ class Scheduler:
         has_state: bool = True,
     ) -> None:
         qid = msg.queue_id
-        if plan.bounce:
-            reason = (
-                "The message could not be delivered before the retry lifetime ended."
-                if plan.expired
-                else "The receiving server refused these recipients permanently."
-            )
-            await self._send_dsn(msg, account, plan.bounce, plan.state.relay, reason, logx)
-        if plan.delayed:
-            retry = self.config.spool.retry
-            until = msg.envelope.received_at + retry.give_up_after
-            await self._send_dsn(
-                msg,
-                account,
-                plan.delayed,
-                plan.state.relay,
-                "This is a warning only: delivery is being retried, and you need not send "
-                "the message again.",
-                logx,
-                retry_until=until,
-            )
+        if plan.bounce or plan.delayed:
+            await self.notices.after_attempt(msg, account, plan, logx)
         if plan.target is Target.DONE:
             # The Sent copy is a step of its own: the message moves to copy/ and is the
             # filing stage's from here, so IMAP trouble never sends it again.
@@ -615,73 +575,6 @@ class Scheduler:
             return
         self._park(qid, "deferred")
         self._defer(qid, plan.state.next_attempt_at)
-
-    async def _send_dsn(
-        self,
-        msg: StoredMessage,
-        account: AccountConfig,
-        results: tuple[RecipientResult, ...],
-        relay: str,
-        reason: str,
-        logx: dict[str, str],
-        *,
-        retry_until: float | None = None,
-    ) -> None:
-        """A DSN to the sender about ``results``: bounced ones, or with ``retry_until`` the
-        "delayed" warning (``spool.delay_warning``)."""
-        envelope = msg.envelope
-        if envelope.is_dsn:
-            log.warning("a DSN could not be delivered; no DSN is written about a DSN", extra=logx)
-            return
-        content = await asyncio.to_thread(msg.read_content)
-        remote_mta = relay.rpartition(":")[0]
-        dsn_bytes = build_dsn(
-            queue_id=msg.queue_id,
-            reporting_host=self.reporting_host,
-            from_address=account.address,
-            to_address=envelope.sender,
-            original_sender=envelope.sender,
-            received_at=envelope.received_at,
-            recipients=[
-                BouncedRecipient(r.recipient, r.status, r.reply, remote_mta) for r in results
-            ],
-            original_content=content,
-            reason=reason,
-            retry_until=retry_until,
-        )
-        # The DSN goes into the sender's own mailbox (SPEC "DSNs"): filed in its INBOX over
-        # IMAP when the account has IMAP, else sent through the same account to itself.
-        dsn_envelope = Envelope(
-            queue_id=new_queue_id(),
-            received_at=self.clock(),
-            client="relayd",
-            peer="local",
-            sender=account.address,
-            recipients=(envelope.sender,),
-            account=envelope.account,
-            tenant=envelope.tenant,
-            is_dsn=True,
-        )
-        kind = "delay" if retry_until is not None else "non-delivery"
-        filing = self.filing
-        if filing is not None and await filing.take_dsn(dsn_envelope, dsn_bytes, account):
-            log.info(
-                "sender %s notification: %s, for the INBOX over IMAP",
-                kind,
-                dsn_envelope.queue_id,
-                extra=logx,
-            )
-            return
-        reception = self.spool.receive(dsn_envelope)
-        try:
-            reception.write(dsn_bytes)
-        except OSError:
-            reception.abort()
-            log.error("cannot spool DSN", extra=logx)
-            return
-        dsn_id = await reception.commit()
-        log.info("sender %s notification: %s", kind, dsn_id, extra=logx)
-        self.submit(dsn_id)
 
     # -- paused accounts ----------------------------------------------------------------
 

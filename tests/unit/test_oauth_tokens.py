@@ -27,7 +27,7 @@ from relayd.oauth.tokens import (
     needs_refresh,
 )
 from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
-from relayd.spool.scheduler import credentials_fingerprint
+from relayd.spool.accounts import credentials_fingerprint
 
 NOW = 1_800_000_000.0
 
