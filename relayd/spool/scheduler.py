@@ -152,6 +152,8 @@ class Scheduler:
 
     def _set_health(self, health: AccountHealth) -> None:
         self._health.set(health)
+        if health.paused:
+            self._wake.set()  # the timer loop sets itself for this account's probe
 
     def apply_credentials(self) -> None:
         """A paused account whose credentials changed gets a fresh chance (SPEC)."""
@@ -313,6 +315,11 @@ class Scheduler:
             delay = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
             if self._health.unsaved:
                 delay = min(delay, HEALTH_SAVE_SECONDS)
+            # SPEC: a paused account is probed every retry.max, on time rather than at the
+            # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
+            probes = [h.retry_at for h in self._health if h.paused and h.retry_at > now]
+            if probes:
+                delay = min(delay, min(probes) - now)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))

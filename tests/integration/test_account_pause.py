@@ -73,3 +73,29 @@ def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
     assert spooled(state) == {"incoming": [], "active": [], "deferred": [], "hold": []}
     assert json.loads(account_file.read_text())["state"] == "ok"
     assert mail_world.messages(sender.name) == []  # never bounced
+
+
+def test_a_paused_account_resumes_when_its_probe_login_succeeds(
+    mail_world, new_mailbox, relay_for
+):
+    """SPEC: a paused account is probed with a login alone every retry.max (2 s here)."""
+    sender, rcpt = new_mailbox("probed"), new_mailbox("rcpt")
+    configured = "the-password-relayd-has"
+    setup = relay_for(sender, password=configured)
+    setup.relayd.start()
+    send(
+        setup.port,
+        sender.address,
+        [rcpt.address],
+        message(sender.address, rcpt.address, "held until the probe"),
+        login=("app", setup.client_password),
+    )
+    setup.relayd.wait_for_log("status=held", timeout=30)
+    # The mailbox's password is changed to the one relayd has: nothing is reloaded.
+    mail_world.set_password(sender.name, configured)
+    paused_at = time.monotonic()
+    setup.relayd.wait_for_log("probe login succeeded; resuming", timeout=20)
+    [got] = mail_world.wait_for_messages(rcpt.name, 1, timeout=20)
+    assert time.monotonic() - paused_at < 15  # on time, not at some minute's tick
+    assert b"Subject: held until the probe" in got
+    assert setup.relayd.stop() == 0
