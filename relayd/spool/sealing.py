@@ -12,7 +12,8 @@ Every file has its own AES key, derived with HKDF-SHA256 from ``spool.key``, a r
 kept in the file and the queue id: segment numbers can then serve as nonces with no risk of
 a nonce used twice under one key, and a file renamed to another queue id does not open.
 Every segment is authenticated before a byte of it is used: nothing tampered with is ever
-sent upstream.
+sent upstream. A message's delivery-state file (which recipients are done, the last upstream
+reply) is sealed whole, under a key of its own at every write.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from relayd.errors import SpoolError
 
 __all__ = [
     "SALT_BYTES",
+    "SEALED_STATE",
     "SEGMENT",
     "FileCipher",
     "SegmentSealer",
@@ -43,6 +45,9 @@ TAG_BYTES = 16
 SALT_BYTES = 16
 _SEALED_SEGMENT = SEGMENT + TAG_BYTES
 _INFO = b"relayd spool file\0"
+_STATE_INFO = b"relayd spool state\0"
+# How a sealed delivery-state file starts (a plain one is JSON: "{").
+SEALED_STATE = b"RELAYD1S "
 # Segment nonces are the 11-byte segment number and a last-segment flag of 0 or 1; the
 # envelope's flag, 2, keeps it apart from every segment.
 _ENVELOPE_NONCE = bytes(11) + b"\x02"
@@ -75,6 +80,34 @@ class SpoolKey:
     def new_file(self, queue_id: str) -> tuple[bytes, FileCipher]:
         salt = os.urandom(SALT_BYTES)
         return salt, self.for_file(salt, queue_id)
+
+    def seal_state(self, queue_id: str, data: bytes) -> bytes:
+        """A delivery-state file (small, rewritten whole): a fresh salt, so a fresh key, at
+        every write; the key's purpose is in the derivation, apart from message files'."""
+        salt = os.urandom(SALT_BYTES)
+        return SEALED_STATE + salt + self._state_cipher(salt, queue_id).encrypt(
+            _ENVELOPE_NONCE, data, None
+        )
+
+    def open_state(self, queue_id: str, sealed: bytes) -> bytes:
+        body = sealed[len(SEALED_STATE) :]
+        salt, rest = body[:SALT_BYTES], body[SALT_BYTES:]
+        try:
+            return self._state_cipher(salt, queue_id).decrypt(_ENVELOPE_NONCE, rest, None)
+        except InvalidTag:
+            raise SpoolError(
+                f"{queue_id}: delivery state does not open with spool.key "
+                "(another key, or the file was altered)"
+            ) from None
+
+    def _state_cipher(self, salt: bytes, queue_id: str) -> AESGCM:
+        key = HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=salt,
+            info=_STATE_INFO + queue_id.encode(),
+        ).derive(self._secret)
+        return AESGCM(key)
 
 
 def spool_key(spool: SpoolConfig) -> SpoolKey | None:

@@ -51,7 +51,13 @@ from relayd.spool.reception import (
     fsync_dir,
     trailer,
 )
-from relayd.spool.sealing import SALT_BYTES, FileCipher, SpoolKey, plaintext_length
+from relayd.spool.sealing import (
+    SALT_BYTES,
+    SEALED_STATE,
+    FileCipher,
+    SpoolKey,
+    plaintext_length,
+)
 
 __all__ = [
     "QUEUES",
@@ -389,8 +395,12 @@ class Spool:
         except FileNotFoundError:
             return DeliveryState()
         try:
+            if raw.startswith(SEALED_STATE):
+                if self.key is None:
+                    raise SpoolError("sealed with a spool.key, and none is configured")
+                raw = self.key.open_state(queue_id, raw)
             return DeliveryState.from_json(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, SpoolError) as exc:
             log.error("%s: delivery state unreadable (%s); starting afresh", queue_id, exc)
             return DeliveryState()
 
@@ -400,7 +410,10 @@ class Spool:
         tmp = path.with_suffix(".json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, state.to_json())
+            data = state.to_json()
+            if self.key is not None and self.key.seal_new:
+                data = self.key.seal_state(queue_id, data)
+            os.write(fd, data)
             if self.fsync:
                 os.fsync(fd)
         finally:

@@ -56,6 +56,9 @@ def test_sealed_spool_shows_nothing_and_delivers_byte_identical(mail_world, seal
     setup.relayd.wait_for_log("status=deferred", count=2)
     files = spool_files(setup)
     assert len(files) == 2
+    states = list((setup.dir / "state" / "spool" / "state").iterdir())
+    assert sorted(p.name for p in states) == sorted(f"{p.name}.json" for p in files)
+    assert all(p.read_bytes().startswith(b"RELAYD1S ") for p in states)  # sealed as well
     for path in files:
         raw = path.read_bytes()
         assert raw.startswith(b"RELAYD1S ")

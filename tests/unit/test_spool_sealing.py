@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from factories import make_envelope
 
+from relayd.core.envelope import DeliveryState
 from relayd.errors import SpoolError
 from relayd.spool.sealing import SEGMENT, FileCipher, SpoolKey, plaintext_length
 from relayd.spool.store import Spool
@@ -142,3 +143,30 @@ async def test_a_damaged_sealed_file_is_quarantined_at_start(tmp_path: Path) -> 
     with pytest.raises(SpoolError, match="does not open"):
         b"".join(msg.iter_content())
     assert spool.load(good, "incoming").read_content() == BIG
+
+
+def test_delivery_state_is_sealed_too_and_read_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = sealed_spool(tmp_path)
+    state = DeliveryState(attempts=2, delivered=("bob@example.net",), last_reply="451 4.3.0 busy")
+    spool.write_state("0000TEST000000000001", state)
+    raw = (spool.root / "state" / "0000TEST000000000001.json").read_bytes()
+    assert raw.startswith(b"RELAYD1S ") and b"bob@example.net" not in raw and b"busy" not in raw
+    assert spool.read_state("0000TEST000000000001") == state
+    # Written again: a new salt, so different bytes for the same state.
+    spool.write_state("0000TEST000000000001", state)
+    assert (spool.root / "state" / "0000TEST000000000001.json").read_bytes() != raw
+    # Plain state files from before encryption are still read.
+    plain = sealed_spool(tmp_path, key=None)
+    plain.write_state("0000TEST000000000002", state)
+    assert spool.read_state("0000TEST000000000002") == state
+    # Renamed to another message, or without the key: not opened (and said so).
+    os.rename(
+        spool.root / "state" / "0000TEST000000000001.json",
+        spool.root / "state" / "0000TEST000000000003.json",
+    )
+    assert spool.read_state("0000TEST000000000003") == DeliveryState()
+    assert plain.read_state("0000TEST000000000003") == DeliveryState()
+    assert "delivery state does not open with spool.key" in caplog.text
+    assert "none is configured" in caplog.text
