@@ -18,7 +18,9 @@ Layout under ``<state_directory>/spool`` (directories 0700, files 0600)::
 
 A message file is ``header line, envelope JSON, content, trailer``; the trailer records the
 content length, so a file cut short by a crash is recognised and quarantined rather than sent
-(Postfix discards queue files without their end record the same way).
+(Postfix discards queue files without their end record the same way). With
+``spool.encrypt_at_rest`` the envelope and the content are sealed (relayd.spool.sealing) and
+the trailer counts the content as stored; plain and sealed files are read side by side.
 
 A reception is written to ``tmp/``, fsync'd, renamed into ``incoming/`` and the directory
 fsync'd before the SMTP server may answer 250 (RFC 5321 §6.1). Commits from concurrent
