@@ -6,9 +6,10 @@ smtp-sink (from the postfix package) is the upstream; smtp-source drives 20 SMTP
 through (a) relayd and (b) a private Postfix configured as a durable relay to the same sink.
 For each: end-to-end msg/s until the sink has every message, accept latency p50/p99 for one
 sequential client, peak memory (PSS summed over the relay's processes, so shared pages count
-once), CPU seconds per 1,000 messages — and the relayd/Postfix ratios. Then relayd alone:
-memory while one 25 MiB message passes, start-to-READY with 100,000 spooled messages, and
-upstream logins per 1,000 messages to one account.
+once; and summed RSS, which counts them in every process), CPU seconds per 1,000 messages —
+and the relayd/Postfix ratios. Then relayd alone: memory while one 25 MiB message passes,
+start-to-READY with 100,000 spooled messages, and upstream logins per 1,000 messages to one
+account.
 
 Needs root (the Postfix master) and the Debian postfix package. Not a test: nothing here is
 asserted; numbers drift ±20 % on shared machines, so compare ratios from the same run.
@@ -16,6 +17,7 @@ asserted; numbers drift ±20 % on shared machines, so compare ratios from the sa
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import json
@@ -80,15 +82,20 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def pss_kib(pid: int) -> int:
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of one process: PSS shares each shared page among the processes mapping
+    it, so summed over a group it counts a page once; summed RSS counts it in each."""
+    pss = rss = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return pss, rss
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,15 +109,19 @@ def cpu_seconds(pid: int) -> float:
 
 @dataclass
 class Sampler:
-    """Samples a process group: peak summed PSS and the CPU time of every process seen."""
+    """Samples a process group: peak summed PSS and RSS, and the CPU time of every process
+    seen."""
 
     pgid: int
     peak_pss_kib: int = 0
+    peak_rss_kib: int = 0
     cpu: dict[int, float] = field(default_factory=dict)
 
     def sample(self) -> None:
         pids = group_pids(self.pgid)
-        self.peak_pss_kib = max(self.peak_pss_kib, sum(pss_kib(p) for p in pids))
+        memory = [memory_kib(p) for p in pids]
+        self.peak_pss_kib = max(self.peak_pss_kib, sum(pss for pss, _ in memory))
+        self.peak_rss_kib = max(self.peak_rss_kib, sum(rss for _, rss in memory))
         for pid in pids:
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu_seconds(pid))
 
@@ -121,12 +132,17 @@ class Sampler:
 # -- the relays -------------------------------------------------------------------------
 
 
-class Relay:
+class Relay(abc.ABC):
     name = ""
     port = 0
 
+    @abc.abstractmethod
     def start(self, sink_port: int) -> None: ...
+
+    @abc.abstractmethod
     def stop(self) -> None: ...
+
+    @abc.abstractmethod
     def pgid(self) -> int: ...
 
 
@@ -325,6 +341,7 @@ def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, 
     return {
         "msg_per_s": messages / elapsed if complete else 0.0,
         "peak_pss_mib": sampler.peak_pss_kib / 1024,
+        "peak_rss_mib": sampler.peak_rss_kib / 1024,
         "cpu_s_per_1000": (sampler.cpu_total() - cpu_before) * 1000 / messages,
     }
 
@@ -539,6 +556,10 @@ def report(results: dict[str, object]) -> str:
         lines.append(
             f"{'  peak PSS MiB':48} {r['peak_pss_mib']:10.1f} {p['peak_pss_mib']:10.1f} "
             f"{ratio(r['peak_pss_mib'], p['peak_pss_mib']):>8}"
+        )
+        lines.append(
+            f"{'  peak RSS MiB (summed)':48} {r['peak_rss_mib']:10.1f} "
+            f"{p['peak_rss_mib']:10.1f} {ratio(r['peak_rss_mib'], p['peak_rss_mib']):>8}"
         )
         lines.append(
             f"{'  CPU s / 1000 msgs':48} {r['cpu_s_per_1000']:10.2f} "
