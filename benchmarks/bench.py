@@ -303,34 +303,34 @@ def settle() -> None:
     time.sleep(1.0)
 
 
-def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, float]:
-    settle()
+def start_with_sink(relay: Relay) -> Sink:
+    """A new smtp-sink, and the relay started in front of it; ``settle`` will wait for both."""
     sink = Sink(free_port())
     relay.start(sink.port)
     STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
+    return sink
+
+
+def smtp_source(port: int, messages: int, size: int, *, keep: bool = False) -> list[str]:
+    """20 concurrent sessions; ``keep``: several messages per connection (-d)."""
+    argv = ["smtp-source", "-s", "20", "-m", str(messages), "-l", str(size)]
+    argv += ["-f", SENDER, "-t", RCPT, "-M", "bench.client"]
+    if keep:
+        argv.append("-d")
+    return [*argv, f"127.0.0.1:{port}"]
+
+
+def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, float]:
+    settle()
+    sink = start_with_sink(relay)
     sampler = Sampler(relay.pgid())
     sampler.sample()
     cpu_before = sampler.cpu_total()
-    argv = [
-        "smtp-source",
-        "-s",
-        "20",
-        "-m",
-        str(messages),
-        "-l",
-        str(size),
-        "-f",
-        SENDER,
-        "-t",
-        RCPT,
-        "-M",
-        "bench.client",
-    ]
-    if keep:
-        argv.append("-d")
     started = time.monotonic()
     source = subprocess.Popen(
-        [*argv, f"127.0.0.1:{relay.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        smtp_source(relay.port, messages, size, keep=keep),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     complete = sink.wait_for(messages, 600, sampler.sample)
     elapsed = time.monotonic() - started
@@ -348,9 +348,7 @@ def throughput(relay: Relay, messages: int, size: int, keep: bool) -> dict[str, 
 
 def accept_latency(relay: Relay, messages: int) -> dict[str, float]:
     settle()
-    sink = Sink(free_port())
-    relay.start(sink.port)
-    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
+    sink = start_with_sink(relay)
     body = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: latency\r\n\r\n").encode()
     body += b"x" * 76 + b"\r\n"
     body = body + (b"y" * 78 + b"\r\n") * (4096 // 80)
@@ -376,9 +374,7 @@ def accept_latency(relay: Relay, messages: int) -> dict[str, float]:
 def big_message_memory(base: Path) -> dict[str, float]:
     relay = RelaydRelay(base / "big")
     (base / "big").mkdir()
-    sink = Sink(free_port())
-    relay.start(sink.port)
-    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
+    sink = start_with_sink(relay)
     sampler = Sampler(relay.pgid())
     time.sleep(0.5)
     sampler.sample()
@@ -462,26 +458,9 @@ def ready_with_spool(base: Path, count: int) -> dict[str, float]:
 def logins_per_1000(base: Path) -> dict[str, float]:
     relay = RelaydRelay(base / "logins", log_level="debug")
     (base / "logins").mkdir()
-    sink = Sink(free_port())
-    relay.start(sink.port)
-    STARTED_GROUPS.extend((sink.proc.pid, relay.pgid()))
+    sink = start_with_sink(relay)
     subprocess.run(
-        [
-            "smtp-source",
-            "-s",
-            "20",
-            "-m",
-            "1000",
-            "-l",
-            "4096",
-            "-f",
-            SENDER,
-            "-t",
-            RCPT,
-            "-M",
-            "bench.client",
-            f"127.0.0.1:{relay.port}",
-        ],
+        smtp_source(relay.port, 1000, 4096),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         check=True,

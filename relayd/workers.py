@@ -28,6 +28,7 @@ from relayd.config.model import Config
 from relayd.inbound.listeners import BoundListener
 from relayd.inbound.worker import SPEC_ENV, WorkerChannels, run_worker
 from relayd.spool.arrivals import arrival_channel
+from relayd.tasks import TaskSet
 
 __all__ = ["AcceptProcesses", "accept_process_count"]
 
@@ -78,7 +79,7 @@ class AcceptProcesses:
         self._changed = asyncio.Event()
         self._stopping = False
         self._failures = 0  # replacements in a row that did not last
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     @property
     def pids(self) -> list[int]:
@@ -177,7 +178,7 @@ class AcceptProcesses:
         try:
             pidfd = os.pidfd_open(process.pid)
         except (AttributeError, OSError):  # no pidfd (old kernel): the poll task notices
-            self._keep(loop.create_task(self._poll_forever()))
+            self._tasks.spawn(self._poll_forever())
             return
 
         def exited() -> None:
@@ -222,8 +223,7 @@ class AcceptProcesses:
             _describe(status),
             delay,
         )
-        replacement = self._replace(process.index, delay)
-        self._keep(asyncio.get_running_loop().create_task(replacement))
+        self._tasks.spawn(self._replace(process.index, delay))
 
     async def _replace(self, index: int, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -245,13 +245,10 @@ class AcceptProcesses:
             log.error("cannot start an accepting process: %s", exc)
             self._failures += 1
             retry = self._replace(index, MAX_RESPAWN_DELAY)
-            self._keep(asyncio.get_running_loop().create_task(retry))
+            self._tasks.spawn(retry)
             return
         process = _Process(popen.pid, index, time.monotonic(), popen)
         self._processes[popen.pid] = process
         self._watch(process)
         log.info("accepting process %d started", popen.pid)
 
-    def _keep(self, task: asyncio.Task[None]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

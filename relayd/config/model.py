@@ -110,6 +110,12 @@ class ListenerConfig:
     tls_min_version: str  # "1.2" or "1.3"
     where: str  # "listen[0]: line 3", for messages
 
+    @classmethod
+    def local(cls, unix_path: Path, where: str) -> ListenerConfig:
+        """relayd's own way in for local users (``submit.sock``, the maildrop): no AUTH and
+        no TLS, the identity being the peer's uid."""
+        return cls(None, None, unix_path, AuthPolicy.NONE, TlsMode.NONE, None, None, "1.2", where)
+
     @property
     def is_loopback(self) -> bool:
         if self.unix_path is not None:

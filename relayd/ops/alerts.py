@@ -37,6 +37,7 @@ from relayd.core.envelope import Envelope
 from relayd.core.routing import find_account
 from relayd.ops.metrics import ALERTS
 from relayd.spool.store import Spool, new_queue_id
+from relayd.tasks import TaskSet
 
 __all__ = ["ALERT_CLIENT", "Alert", "Alerter", "IncidentBook"]
 
@@ -154,7 +155,7 @@ class Alerter:
         self.book = IncidentBook(config.state_directory / "alerts.json")
         self._recent: deque[float] = deque()
         self._suppressed = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     # -- raising --------------------------------------------------------------------------
 
@@ -211,13 +212,10 @@ class Alerter:
             except Exception:
                 log.exception("alert delivery failed")
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(run())
 
     async def drain(self, timeout: float = WEBHOOK_TIMEOUT + 2) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        await self._tasks.drain(timeout)
 
     # -- channels -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relayd.config.model import AuthPolicy, ListenerConfig, TlsMode
+from relayd.config.model import ListenerConfig
 from relayd.core.routing import (
     Refusal,
     UnixUser,
@@ -138,17 +138,7 @@ class _DropSession(RelaySession):
         return "maildrop"
 
 
-_DROP_LISTENER = ListenerConfig(
-    tcp_host=None,
-    tcp_port=None,
-    unix_path=Path("maildrop"),
-    auth=AuthPolicy.NONE,
-    tls=TlsMode.NONE,
-    certificate=None,
-    private_key=None,
-    tls_min_version="1.2",
-    where="maildrop",
-)
+_DROP_LISTENER = ListenerConfig.local(Path("maildrop"), "maildrop")
 
 
 def _normalise(content: bytes) -> bytes:

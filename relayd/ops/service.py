@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from relayd import __version__
 from relayd.config import ConfigError, load_config
-from relayd.config.model import AccountConfig, AuthPolicy, Config, ListenerConfig, TlsMode
+from relayd.config.model import AccountConfig, Config, ListenerConfig
 from relayd.core.envelope import Envelope
 from relayd.core.routing import find_account
 from relayd.inbound.listeners import Listeners, start_listeners
@@ -51,17 +51,7 @@ REMIND_CHECK_EVERY = 300.0
 
 def submit_socket_listener(config: Config) -> ListenerConfig:
     """``<state>/submit.sock``: always open, identity = the peer's uid (SPEC)."""
-    return ListenerConfig(
-        tcp_host=None,
-        tcp_port=None,
-        unix_path=config.state_directory / "submit.sock",
-        auth=AuthPolicy.NONE,
-        tls=TlsMode.NONE,
-        certificate=None,
-        private_key=None,
-        tls_min_version="1.2",
-        where="submit.sock",
-    )
+    return ListenerConfig.local(config.state_directory / "submit.sock", "submit.sock")
 
 
 class _Events(DeliveryEvents):

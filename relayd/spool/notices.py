@@ -19,7 +19,7 @@ from relayd.config.model import AccountConfig
 from relayd.core.envelope import Envelope
 from relayd.core.states import Plan, RecipientResult
 from relayd.spool.store import StoredMessage, new_queue_id
-from relayd.upstream.dsn import BouncedRecipient, build_dsn
+from relayd.upstream.dsn import HEADER_LIMIT, BouncedRecipient, build_dsn
 
 if TYPE_CHECKING:
     from relayd.spool.scheduler import Scheduler
@@ -69,7 +69,7 @@ class SenderNotices:
         if envelope.is_dsn:
             log.warning("a DSN could not be delivered; no DSN is written about a DSN", extra=logx)
             return
-        content = await asyncio.to_thread(msg.read_content)
+        head = await asyncio.to_thread(_head_of, msg)
         remote_mta = relay.rpartition(":")[0]
         dsn_bytes = build_dsn(
             queue_id=msg.queue_id,
@@ -81,7 +81,7 @@ class SenderNotices:
             recipients=[
                 BouncedRecipient(r.recipient, r.status, r.reply, remote_mta) for r in results
             ],
-            original_content=content,
+            original_content=head,
             reason=reason,
             retry_until=retry_until,
         )
@@ -118,3 +118,15 @@ class SenderNotices:
         dsn_id = await reception.commit()
         log.info("sender %s notification: %s", kind, dsn_id, extra=logx)
         self.scheduler.submit(dsn_id)
+
+
+def _head_of(msg: StoredMessage) -> bytes:
+    """The start of the message, up to its header section's end: all a DSN carries back
+    (RFC 6522 text/rfc822-headers), without reading a big message whole."""
+    head = b""
+    for chunk in msg.iter_content():
+        head += chunk
+        if b"\r\n\r\n" in head or len(head) > HEADER_LIMIT:
+            break
+    return head
+

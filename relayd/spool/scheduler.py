@@ -45,6 +45,7 @@ from relayd.spool.notices import SenderNotices
 from relayd.spool.store import Spool, StoredMessage
 from relayd.sync.backlog import FILING_QUEUE
 from relayd.sync.filing import FilingStage
+from relayd.tasks import TaskSet
 from relayd.upstream.delivery import AccountSignal, AttemptReport, Deliverer
 from relayd.upstream.transport import UpstreamSession
 
@@ -103,7 +104,7 @@ class Scheduler:
         self.intake = SpoolIntake(self)
         self._wake = asyncio.Event()
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._timer_task: asyncio.Task[None] | None = None
         # Metrics and alerts listen here (relayd.ops.service sets the real one).
         self.events = DeliveryEvents()
@@ -123,12 +124,8 @@ class Scheduler:
         """Drain: no new attempts; wait for the ones in flight, then close sessions."""
         self._stopping = True
         self._wake.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()  # the message stays in active/ and is retried after restart
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        # A delivery cancelled here leaves its message in active/: retried after restart.
+        await self._tasks.drain(timeout, cancel_late=True)
         await self.intake.stop()
         if self._timer_task is not None:
             self._timer_task.cancel()
@@ -284,9 +281,7 @@ class Scheduler:
         limit = account.limits.max_connections if account else 1
         while lane.ready and lane.workers < max(1, limit) and not self._stopping:
             lane.workers += 1
-            task = asyncio.get_running_loop().create_task(self._work(lane))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._work(lane))
 
     def _account_config(self, address: str, sender: str | None = None) -> AccountConfig | None:
         found = find_account(self.config, sender or address)
@@ -366,9 +361,7 @@ class Scheduler:
     def _close_idle(self, lane: _Lane, session: UpstreamSession) -> None:
         if session in lane.idle:
             lane.idle.remove(session)
-            task = asyncio.get_running_loop().create_task(session.quit())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(session.quit())
 
     async def _respect_rate_limit(self, lane: _Lane) -> None:
         account = self._account_config(lane.account)
@@ -596,9 +589,7 @@ class Scheduler:
             if account is None or account.is_capture:
                 continue
             lane.probing = True
-            task = asyncio.get_running_loop().create_task(self._probe(lane, account))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._probe(lane, account))
 
     async def _probe(self, lane: _Lane, account: AccountConfig) -> None:
         """SPEC: a paused account is probed with a login alone every retry.max."""

@@ -23,6 +23,7 @@ from relayd.config.model import AccountConfig
 from relayd.core.sentcopy import Folder
 from relayd.sync import wire
 from relayd.sync.imap import DEFAULT_TIMEOUTS, ImapSession, ImapTimeouts, TokenSource
+from relayd.tasks import TaskSet
 
 __all__ = ["ImapConnections"]
 
@@ -74,7 +75,7 @@ class ImapConnections:
         self.logins: Counter[str] = Counter()
         self._idle: dict[str, _Idle] = {}
         self._folders: dict[str, str] = {}  # settings key -> Sent folder argument
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = TaskSet()
 
     async def acquire(self, account: AccountConfig) -> ImapSession:
         """The account's open session, or a new one (connect, TLS, login)."""
@@ -111,9 +112,7 @@ class ImapConnections:
             self._logout_later(session)
 
     def _logout_later(self, session: ImapSession) -> None:
-        task = asyncio.get_running_loop().create_task(session.logout())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(session.logout())
 
     async def folder(self, account: AccountConfig, session: ImapSession, folder: Folder) -> str:
         """The mailbox argument to file into: INBOX, ``imap.sent_folder`` when set (it wins),
@@ -141,6 +140,5 @@ class ImapConnections:
             idle.timer.cancel()
             self._logout_later(idle.session)
         self._idle.clear()
-        if self._closing:
-            with contextlib.suppress(Exception):
-                await asyncio.wait(set(self._closing), timeout=10)
+        with contextlib.suppress(Exception):
+            await self._closing.drain(10)

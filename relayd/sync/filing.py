@@ -47,6 +47,7 @@ from relayd.sync import wire
 from relayd.sync.backlog import FILING_QUEUE, add_dsn, enter_from_active, return_to_delivery
 from relayd.sync.connections import ImapConnections
 from relayd.sync.imap import ImapError, ImapFailure
+from relayd.tasks import TaskSet
 from relayd.upstream.capture import CaptureMaildir
 from relayd.upstream.dataphase import as_delivered
 
@@ -112,7 +113,7 @@ class FilingStage:
         self._waiting: set[str] = set()  # queue ids on a timer
         self._wake = asyncio.Event()
         self._stopping = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._timer_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -127,12 +128,8 @@ class FilingStage:
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
         self._wake.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()  # the job is in the spool; an APPEND in flight is searched for
-            if pending:
-                await asyncio.wait(pending, timeout=5)
+        # A filing cancelled here stays in the spool; an APPEND in flight is searched for.
+        await self._tasks.drain(timeout, cancel_late=True)
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -214,9 +211,7 @@ class FilingStage:
             lane.ready.append(qid)
         if not lane.running:
             lane.running = True
-            task = asyncio.get_running_loop().create_task(self._work(lane))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._work(lane))
 
     async def _timer_loop(self) -> None:
         while not self._stopping:

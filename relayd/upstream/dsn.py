@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-__all__ = ["BouncedRecipient", "build_dsn"]
+__all__ = ["HEADER_LIMIT", "BouncedRecipient", "build_dsn"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,11 @@ class BouncedRecipient:
     remote_mta: str  # "mail.example.com"
 
 
-def _header_section(content: bytes, limit: int = 64 * 1024) -> bytes:
+# The most of the original header section a DSN carries back.
+HEADER_LIMIT = 64 * 1024
+
+
+def _header_section(content: bytes, limit: int = HEADER_LIMIT) -> bytes:
     end = content.find(b"\r\n\r\n")
     head = content[: end + 2] if end >= 0 else content
     if len(head) > limit:

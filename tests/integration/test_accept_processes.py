@@ -14,6 +14,7 @@ import signal
 import smtplib
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ def subjects_in(capture: Path) -> list[str]:
     )
 
 
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """The accepting process stopped (SIGSTOP) for the block: the other one takes the
+    connections made meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def delivered_subjects(capture: Path, count: int, timeout: float = 30.0) -> list[str]:
     """The subjects delivered once ``count`` have arrived (and a moment more: a message
     delivered twice would show up)."""
@@ -91,11 +103,8 @@ def test_both_accepting_processes_accept_and_one_scheduler_delivers_each_once(
         first, second = children(relayd.proc.pid)
         sent = []
         for stopped, name in ((first, "b"), (second, "a")):
-            os.kill(stopped, signal.SIGSTOP)  # the other one must take these connections
-            try:
+            with paused(stopped):  # the other one must take these connections
                 sent += [send(relayd.port, f"{name}{i}") for i in range(5)]
-            finally:
-                os.kill(stopped, signal.SIGCONT)
         assert delivered_subjects(capture, 10) == sorted(sent)
         log = relayd.log()
         assert log.count("status=delivered") == 10
@@ -112,29 +121,25 @@ def test_an_accepting_process_killed_mid_data_loses_nothing_that_got_250(
     try:
         assert relayd.proc is not None
         victim, other = children(relayd.proc.pid)
-        os.kill(other, signal.SIGSTOP)
-        try:
-            with smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as kept:
-                acknowledged = []
-                for i in range(3):
-                    kept.sendmail(SENDER, ["rcpt@example.org"], message(f"acked{i}"))
-                    acknowledged.append(f"acked{i}")
-                with socket.create_connection(("127.0.0.1", relayd.port), timeout=30) as raw:
-                    raw.sendall(
-                        f"EHLO t\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<rcpt@example.org>\r\n"
-                        "DATA\r\n".encode()
-                    )
-                    time.sleep(0.3)
-                    raw.sendall(message("half").split(b"\r\n\r\n")[0] + b"\r\n\r\npart of")
-                    time.sleep(0.3)
-                    os.kill(victim, signal.SIGKILL)
-                    heard = b""
-                    with contextlib.suppress(ConnectionResetError):
-                        while chunk := raw.recv(4096):
-                            heard += chunk
-                    assert b"354" in heard and b"queued as" not in heard
-        finally:
-            os.kill(other, signal.SIGCONT)
+        with paused(other), smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as kept:
+            acknowledged = []
+            for i in range(3):
+                kept.sendmail(SENDER, ["rcpt@example.org"], message(f"acked{i}"))
+                acknowledged.append(f"acked{i}")
+            with socket.create_connection(("127.0.0.1", relayd.port), timeout=30) as raw:
+                raw.sendall(
+                    f"EHLO t\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<rcpt@example.org>\r\n"
+                    "DATA\r\n".encode()
+                )
+                time.sleep(0.3)
+                raw.sendall(message("half").split(b"\r\n\r\n")[0] + b"\r\n\r\npart of")
+                time.sleep(0.3)
+                os.kill(victim, signal.SIGKILL)
+                heard = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := raw.recv(4096):
+                        heard += chunk
+                assert b"354" in heard and b"queued as" not in heard
         assert delivered_subjects(capture, 3) == acknowledged
         relayd.wait_for_log("killed by signal 9; starting another")
         deadline = time.monotonic() + 20
@@ -142,11 +147,8 @@ def test_an_accepting_process_killed_mid_data_loses_nothing_that_got_250(
             time.sleep(0.1)
         replacement = [p for p in children(relayd.proc.pid) if p != other]
         assert len(replacement) == 1 and replacement[0] != victim
-        os.kill(other, signal.SIGSTOP)  # the replacement serves
-        try:
+        with paused(other):  # the replacement serves
             send(relayd.port, "after")
-        finally:
-            os.kill(other, signal.SIGCONT)
         assert delivered_subjects(capture, 4) == sorted([*acknowledged, "after"])
     finally:
         assert relayd.stop() == 0
@@ -191,30 +193,28 @@ def test_reload_reaches_every_accepting_process_and_a_broken_file_none(tmp_path:
         relayd.wait_for_log("configuration reloaded")
         time.sleep(0.5)  # the accepting processes reload on the main process's signal
         for stopped in workers:
-            os.kill(stopped, signal.SIGSTOP)  # the other one answers
-            try:
-                with smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as smtp:
-                    smtp.ehlo("t")
-                    code, _ = smtp.mail(SENDER)
-                    assert code == 550  # the old sender is no longer allowed here
-                    smtp.rset()
-                    code, _ = smtp.mail("other@acme.test")
-                    assert code == 250
-            finally:
-                os.kill(stopped, signal.SIGCONT)
+            with (
+                paused(stopped),  # the other one answers
+                smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as smtp,
+            ):
+                smtp.ehlo("t")
+                code, _ = smtp.mail(SENDER)
+                assert code == 550  # the old sender is no longer allowed here
+                smtp.rset()
+                code, _ = smtp.mail("other@acme.test")
+                assert code == 250
 
         relayd.config_path.write_text(text + "tenants: [this is: broken\n")
         os.kill(relayd.proc.pid, signal.SIGHUP)
         relayd.wait_for_log("reload refused, old config still serving")
         time.sleep(0.5)
         for stopped in workers:
-            os.kill(stopped, signal.SIGSTOP)
-            try:
-                with smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as smtp:
-                    smtp.ehlo("t")
-                    assert smtp.mail("other@acme.test")[0] == 250  # still the reloaded one
-            finally:
-                os.kill(stopped, signal.SIGCONT)
+            with (
+                paused(stopped),
+                smtplib.SMTP("127.0.0.1", relayd.port, timeout=30) as smtp,
+            ):
+                smtp.ehlo("t")
+                assert smtp.mail("other@acme.test")[0] == 250  # still the reloaded one
         assert children(relayd.proc.pid) == workers
         assert subjects_in(capture) == []
     finally:

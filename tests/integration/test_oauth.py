@@ -75,6 +75,11 @@ def microsoft_tenant(world: Any, server: Any, addresses: list[str]) -> dict[str,
     }
 
 
+def microsoft_setup(relayd_setup: Any, world: Any, server: Any, address: str) -> Any:
+    """relayd with one Microsoft 365 account, ``address``, which the client may send as."""
+    return relayd_setup({"ms": microsoft_tenant(world, server, [address])}, may_send_as=[address])
+
+
 def google_tenant(world: Any, server: Any, secrets: Path, addresses: list[str]) -> dict[str, Any]:
     secret = write_secret(secrets / "google-client", GOOGLE_SECRET)
     return {
@@ -284,10 +289,7 @@ def test_app_only_client_credentials_two_mailboxes_of_one_tenant(
 def test_token_of_2500_bytes_is_accepted(mail_world, new_mailbox, relayd_setup, oauth):
     alice, rcpt = new_mailbox("bigtok"), new_mailbox("rcpt")
     oauth.token_size = 2500
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     seed(setup, oauth, alice.address, MS_CLIENT)
     setup.relayd.start()
     submit(setup, alice.address, rcpt.address, "big token")
@@ -307,10 +309,7 @@ def test_expiring_token_is_refreshed_once_for_50_queued_messages(
     mail_world, new_mailbox, relayd_setup, oauth
 ):
     alice, rcpt = new_mailbox("fifty"), new_mailbox("rcpt")
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     # Still valid for 5 minutes (Dovecot would take it), but under the 10-minute margin.
     expiring = oauth.issue_access_token(alice.address, MS_CLIENT, lifetime=300)
     seed(
@@ -339,10 +338,7 @@ def test_token_endpoint_5xx_or_down_defers_and_keeps_tokens(
     mail_world, new_mailbox, relayd_setup, oauth
 ):
     alice, rcpt = new_mailbox("tokdown"), new_mailbox("rcpt")
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     seed(setup, oauth, alice.address, MS_CLIENT)  # no access token: a refresh is needed
     token_file = store_of(setup).path_for(alice.address)
     on_disk = token_file.read_bytes()
@@ -370,10 +366,7 @@ def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
     mail_world, new_mailbox, relayd_setup, oauth
 ):
     alice, rcpt = new_mailbox("revoked"), new_mailbox("rcpt")
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     refresh = seed(setup, oauth, alice.address, MS_CLIENT)
     oauth.revoke(refresh)
     setup.relayd.start()
@@ -417,10 +410,7 @@ def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
 
 def test_token_file_is_encrypted_and_private(mail_world, new_mailbox, relayd_setup, oauth):
     alice, rcpt = new_mailbox("private"), new_mailbox("rcpt")
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     first_refresh = seed(setup, oauth, alice.address, MS_CLIENT)
     setup.relayd.start()
     submit(setup, alice.address, rcpt.address, "rotate")
@@ -533,10 +523,7 @@ def test_microsoft_browser_consent_returns_to_the_loopback_address(
     mail_world, new_mailbox, relayd_setup, oauth
 ):
     alice = new_mailbox("browser")
-    setup = relayd_setup(
-        {"ms": microsoft_tenant(mail_world, oauth, [alice.address])},
-        may_send_as=[alice.address],
-    )
+    setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     env = dict(os.environ, BROWSER="true")  # the "browser" relayd opens does nothing
     auth = start_auth(setup, alice.address, "--browser", env=env)
     try:

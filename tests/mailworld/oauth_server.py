@@ -89,7 +89,7 @@ class OAuthServer:
         self.port = port
         self._lock = threading.Lock()
         self.state = _State()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         # Behaviour switches.
         self.fail_status: int | None = None  # token endpoint answers this (e.g. 503)

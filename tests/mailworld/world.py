@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import grp
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -27,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Self
 
 from .oauth_server import OAuthServer
 from .pki import Pki, create_pki
+from .postfix_files import INTERNAL_SERVICES, MASTER, make_queue_dirs, write_config
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -40,7 +39,7 @@ MAIL_GID = 8
 HOST = "127.0.0.1"
 MESSAGE_SIZE_LIMIT = 60 * 1024 * 1024
 
-POSTFIX_MASTER = Path("/usr/lib/postfix/sbin/master")
+POSTFIX_MASTER = MASTER
 POSTQUEUE = Path("/usr/sbin/postqueue")
 DOVECOT = Path("/usr/sbin/dovecot")
 DOVECOT_DH = Path("/usr/share/dovecot/dh.pem")
@@ -861,75 +860,13 @@ service stats {{
                 ],
             ),
         ]
-        # Every service runs unchrooted (chroot column "n").
-        internal = """\
-pickup     unix  n - n 60    1 pickup
-cleanup    unix  n - n -     0 cleanup
-qmgr       unix  n - n 300   1 qmgr
-tlsmgr     unix  - - n 1000? 1 tlsmgr
-rewrite    unix  - - n -     - trivial-rewrite
-bounce     unix  - - n -     0 bounce
-defer      unix  - - n -     0 bounce
-trace      unix  - - n -     0 bounce
-verify     unix  - - n -     1 verify
-flush      unix  n - n 1000? 0 flush
-proxymap   unix  - - n -     - proxymap
-proxywrite unix  - - n -     1 proxymap
-smtp       unix  - - n -     - smtp
-relay      unix  - - n -     - smtp
-showq      unix  n - n -     - showq
-error      unix  - - n -     - error
-retry      unix  - - n -     - error
-discard    unix  - - n -     - discard
-lmtp       unix  - - n -     - lmtp
-anvil      unix  - - n -     1 anvil
-scache     unix  - - n -     1 scache
-postlog    unix-dgram n - n - 1 postlogd
-"""
-        return "".join(services) + internal
+        return "".join(services) + INTERNAL_SERVICES
 
     def _write_postfix_config(self) -> None:
         if any(c.isspace() for c in str(self.base_dir)):
             raise ValueError(f"Postfix paths must not contain spaces: {self.base_dir}")
         main = self._postfix_main()
         main.update(self.postfix_main_overrides)
-        main_cf = self.postfix_config_dir / "main.cf"
-        master_cf = self.postfix_config_dir / "master.cf"
-        main_cf.write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
-        master_cf.write_text(self._postfix_master_cf())
-        # Postfix sleeps ~1.8 s at start-up if main.cf is younger than a second.
-        old = time.time() - 10
-        for path in (main_cf, master_cf):
-            os.utime(path, (old, old))
-        self._make_postfix_dirs()
+        write_config(self.postfix_config_dir, main, self._postfix_master_cf())
+        make_queue_dirs(self.postfix_queue_dir, self.postfix_data_dir)
 
-    def _make_postfix_dirs(self) -> None:
-        """The queue layout `postfix check` would create (without its ~100 forks)."""
-        postfix_uid = pwd.getpwnam("postfix").pw_uid
-        postdrop_gid = grp.getgrnam("postdrop").gr_gid
-
-        def mkdir(path: Path, uid: int, gid: int, mode: int) -> None:
-            path.mkdir(exist_ok=True)
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
-
-        q = self.postfix_queue_dir
-        mkdir(q, 0, 0, 0o755)
-        mkdir(q / "pid", 0, 0, 0o755)
-        for sub in (
-            "active",
-            "bounce",
-            "corrupt",
-            "defer",
-            "deferred",
-            "flush",
-            "hold",
-            "incoming",
-            "private",
-            "saved",
-            "trace",
-        ):
-            mkdir(q / sub, postfix_uid, -1, 0o700)
-        mkdir(q / "maildrop", postfix_uid, postdrop_gid, 0o730)
-        mkdir(q / "public", postfix_uid, postdrop_gid, 0o710)
-        mkdir(self.postfix_data_dir, postfix_uid, -1, 0o700)
