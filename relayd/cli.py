@@ -120,7 +120,8 @@ COMMANDS: dict[str, Command] = {
     "auth": Command(cmd_auth, "obtain and store OAuth tokens for an account", add_auth_arguments),
     "reload": Command(cmd_reload, "ask the running daemon to reload its configuration"),
     "status": Command(
-        cmd_status, "accounts, queued mail, the daemon (works while it is stopped)",
+        cmd_status,
+        "accounts, queued mail, the daemon (works while it is stopped)",
         add_status_arguments,
     ),
     "queue": Command(

@@ -251,4 +251,3 @@ class AcceptProcesses:
         self._processes[popen.pid] = process
         self._watch(process)
         log.info("accepting process %d started", popen.pid)
-

@@ -113,9 +113,7 @@ def run_worker(
         return 1
 
 
-async def serve(
-    config: Config, channels: WorkerChannels, share: tuple[int, int] = (0, 1)
-) -> int:
+async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int] = (0, 1)) -> int:
     loop = asyncio.get_running_loop()
     redactor.set_secrets(all_secret_values(config))
     announcer = Announcer(channels.announcer)
@@ -154,8 +152,9 @@ async def serve(
             for note in listeners.reload(new):
                 log.debug("%s", note)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.error("accepting process %d keeps its configuration: listener TLS: %s",
-                      os.getpid(), exc)
+            log.error(
+                "accepting process %d keeps its configuration: listener TLS: %s", os.getpid(), exc
+            )
             return
         redactor.set_secrets(all_secret_values(new))
         handler.config = new

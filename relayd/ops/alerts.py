@@ -192,15 +192,21 @@ class Alerter:
             self._recent.popleft()
         if len(self._recent) >= MAX_PER_HOUR:
             self._suppressed += 1
-            log.warning("alert storm: %d alerts this hour; this one goes to the log only",
-                        len(self._recent) + self._suppressed)
+            log.warning(
+                "alert storm: %d alerts this hour; this one goes to the log only",
+                len(self._recent) + self._suppressed,
+            )
             return
         self._recent.append(now)
         if self._suppressed:
             alert = Alert(
-                alert.kind, alert.account, alert.tenant, alert.summary,
+                alert.kind,
+                alert.account,
+                alert.tenant,
+                alert.summary,
                 f"{alert.detail}\n\n({self._suppressed} earlier alerts went to the log only: "
-                "too many in one hour.)", alert.incident,
+                "too many in one hour.)",
+                alert.incident,
             )
             self._suppressed = 0
         self._spawn(self._deliver(alert, now))

@@ -103,8 +103,13 @@ async def probe(
     ok("TCP", f"{host}:{port} connected in {(time.monotonic() - started) * 1000:.0f} ms")
     context = tls_context_for(ca_file) if tls is not TlsMode.NONE else None
     smtp = aiosmtplib.SMTP(
-        hostname=host, port=port, local_hostname=helo, use_tls=tls is TlsMode.IMPLICIT,
-        start_tls=False, tls_context=context, timeout=STEP_TIMEOUT,
+        hostname=host,
+        port=port,
+        local_hostname=helo,
+        use_tls=tls is TlsMode.IMPLICIT,
+        start_tls=False,
+        tls_context=context,
+        timeout=STEP_TIMEOUT,
     )
     step = "TLS" if tls is TlsMode.IMPLICIT else "EHLO"
     try:
@@ -194,9 +199,9 @@ async def _smtp_login_and_send(
     report.ok("login", f"as {account.username}")
     try:
         if send_to:
-            result = await session.send(account.address, (send_to,), _test_message(
-                account, send_to, config.helo_name
-            ))
+            result = await session.send(
+                account.address, (send_to,), _test_message(account, send_to, config.helo_name)
+            )
             _phase, reply = result.replies[send_to]
             if reply.code == 250:
                 report.ok("send", f"test message to <{send_to}>: {reply}")
@@ -248,11 +253,12 @@ async def run_checkup(config: Config, address: str, send_to: str | None) -> int:
     report = Report()
     account = find_account(config, address)
     if account is None:
-        print(f"error: {address} is not an account (or alias) in {config.source}",
-              file=sys.stderr)
+        print(f"error: {address} is not an account (or alias) in {config.source}", file=sys.stderr)
         return 1
-    report.line(f"account {account.address} (tenant {account.tenant}, provider "
-                f"{account.provider}); login {account.username}, {_credential_text(account)}")
+    report.line(
+        f"account {account.address} (tenant {account.tenant}, provider "
+        f"{account.provider}); login {account.username}, {_credential_text(account)}"
+    )
     if account.is_capture or account.smtp is None:
         path = account.capture_path
         report.line(f"capture provider: mail stays in the Maildir {path}; nothing to connect to")

@@ -153,8 +153,10 @@ def _print_list(found: list[QueueEntry], as_json: bool) -> None:
         for rcpt in data["recipients"]:
             print(f"    to <{rcpt}>")
         if e.state.last_reply:
-            print(f"    ({e.state.last_reply}; attempts {e.state.attempts}, "
-                  f"next {_when(e.state.next_attempt_at)})")
+            print(
+                f"    ({e.state.last_reply}; attempts {e.state.attempts}, "
+                f"next {_when(e.state.next_attempt_at)})"
+            )
     print(f"-- {len(found)} messages")
 
 
@@ -170,8 +172,21 @@ def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     data = entry.to_dict()
-    for key in ("id", "queue", "account", "tenant", "client", "sender", "recipients",
-                "delivered", "bounced", "size", "attempts", "last_reply", "relay"):
+    for key in (
+        "id",
+        "queue",
+        "account",
+        "tenant",
+        "client",
+        "sender",
+        "recipients",
+        "delivered",
+        "bounced",
+        "size",
+        "attempts",
+        "last_reply",
+        "relay",
+    ):
         value = data[key]
         print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
     print(f"received: {_when(entry.envelope.received_at)}")
@@ -273,8 +288,10 @@ def _release_account_offline(config: Config, spool: Spool, address: str, note: s
         if not is_operator_hold(spool, e.queue_id):
             spool.move(e.queue_id, "hold", "incoming")
             moved += 1
-    print(f"{note}; {address} released (was {health.state.value}); {moved} held messages "
-          "are delivered when it starts")
+    print(
+        f"{note}; {address} released (was {health.state.value}); {moved} held messages "
+        "are delivered when it starts"
+    )
     return EXIT_OK
 
 

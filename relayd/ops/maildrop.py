@@ -230,8 +230,13 @@ class MaildropPickup:
         return True
 
     def _refuse(self, path: Path, owner: UnixUser | str, reason: str) -> None:
-        log.error("maildrop file %s from %s refused: %s; kept in %s",
-                  path.name, owner, reason, self.refused)
+        log.error(
+            "maildrop file %s from %s refused: %s; kept in %s",
+            path.name,
+            owner,
+            reason,
+            self.refused,
+        )
         with contextlib.suppress(OSError):
             os.rename(path, self.refused / path.name)
 
@@ -278,4 +283,3 @@ class MaildropPickup:
             log.error("cannot spool a maildrop message: %s", exc)
             return "452 4.3.1 Insufficient system storage"
         return f"250 2.0.0 queued as {sink.envelope.queue_id}"
-

@@ -129,9 +129,7 @@ class Histogram:
 class _Gauge:
     """Gauges are computed when scraped (queue depth is read from the spool then)."""
 
-    def __init__(
-        self, name: str, help_text: str, collect: Callable[[], Iterable[Sample]]
-    ) -> None:
+    def __init__(self, name: str, help_text: str, collect: Callable[[], Iterable[Sample]]) -> None:
         self.name = name
         self.help = help_text
         self.collect = collect

@@ -250,8 +250,7 @@ def _send_smtp(smtp: _UnixSMTP, sender: str, rcpts: list[str], content: bytes) -
         with smtp:
             smtp.sendmail(sender, rcpts, content, mail_options=options)
     except smtplib.SMTPSenderRefused as exc:
-        print(f"sendmail: sender refused: {exc.smtp_code} {_text(exc.smtp_error)}",
-              file=sys.stderr)
+        print(f"sendmail: sender refused: {exc.smtp_code} {_text(exc.smtp_error)}", file=sys.stderr)
         return _exit_for(exc.smtp_code, "sender")
     except smtplib.SMTPRecipientsRefused as exc:
         for rcpt, (code, text) in exc.recipients.items():
@@ -259,8 +258,9 @@ def _send_smtp(smtp: _UnixSMTP, sender: str, rcpts: list[str], content: bytes) -
         codes = [code for code, _ in exc.recipients.values()]
         return _exit_for(min(codes), "recipient")
     except smtplib.SMTPDataError as exc:
-        print(f"sendmail: message refused: {exc.smtp_code} {_text(exc.smtp_error)}",
-              file=sys.stderr)
+        print(
+            f"sendmail: message refused: {exc.smtp_code} {_text(exc.smtp_error)}", file=sys.stderr
+        )
         return _exit_for(exc.smtp_code, "data")
     except (smtplib.SMTPException, OSError) as exc:
         print(f"sendmail: submission failed: {exc}", file=sys.stderr)
@@ -272,8 +272,11 @@ def _drop(state: Path, sender: str, rcpts: list[str], content: bytes) -> int:
     try:
         write_drop(maildrop_path(state), Drop(sender, tuple(rcpts), content))
     except OSError as exc:
-        print(f"sendmail: relayd is not running and {maildrop_path(state)} cannot take the "
-              f"message: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"sendmail: relayd is not running and {maildrop_path(state)} cannot take the "
+            f"message: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return EX_TEMPFAIL
     return EX_OK
 
@@ -335,8 +338,11 @@ def _local_smtp(state: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
                     break
                 body.append(data_line[1:] if data_line.startswith(b".") else data_line)
             status = _drop(state, sender, rcpts, b"".join(body))
-            say("250 2.0.0 Ok: queued in maildrop" if status == EX_OK
-                else "451 4.3.0 Cannot write to the maildrop")
+            say(
+                "250 2.0.0 Ok: queued in maildrop"
+                if status == EX_OK
+                else "451 4.3.0 Cannot write to the maildrop"
+            )
             sender, rcpts = None, []
         elif verb == "RSET":
             sender, rcpts = None, []

@@ -81,8 +81,10 @@ class _Events(DeliveryEvents):
 
     def mail_expired(self, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         if envelope.client == ALERT_CLIENT or envelope.is_dsn:
-            log.warning("an alert or DSN expired undelivered; no alert about it",
-                        extra={"queue_id": envelope.queue_id})
+            log.warning(
+                "an alert or DSN expired undelivered; no alert about it",
+                extra={"queue_id": envelope.queue_id},
+            )
             return
         self.ops.alert(alert_texts.expired_alert(envelope, recipients), cool_down=3600)
 
@@ -240,8 +242,12 @@ class Operations:
             await self.metrics.start(settings.address, settings.port)
         except OSError as exc:
             # Metrics are an aid: the relay keeps running without them, and says why.
-            log.error("metrics: cannot listen on %s:%d: %s", settings.address, settings.port,
-                      exc.strerror or exc)
+            log.error(
+                "metrics: cannot listen on %s:%d: %s",
+                settings.address,
+                settings.port,
+                exc.strerror or exc,
+            )
             self.metrics = None
             return
         self._metrics_at = (settings.address, settings.port)
@@ -252,8 +258,10 @@ class Operations:
 
     def _paused(self) -> list[Sample]:
         paused = self._paused_accounts()
-        return [({"account": a.address}, 1.0 if a.address in paused else 0.0)
-                for a in self.config.accounts()]
+        return [
+            ({"account": a.address}, 1.0 if a.address in paused else 0.0)
+            for a in self.config.accounts()
+        ]
 
     def _healthy(self) -> tuple[bool, str]:
         if not os.access(self.daemon.spool.root / "incoming", os.W_OK):
@@ -340,8 +348,9 @@ class Operations:
             scheduler.release_account(address)
             if self.alerter is not None:
                 self.alerter.close(f"paused:{address}")
-            log.info("released by the operator (was paused: %s)", was_paused,
-                     extra={"account": address})
+            log.info(
+                "released by the operator (was paused: %s)", was_paused, extra={"account": address}
+            )
             return {"released": address, "was_paused": was_paused}
         queue_id = str(args.get("id", ""))
         if scheduler.where(queue_id) != "hold":

@@ -26,7 +26,6 @@ from relayd.spool.store import Spool
 __all__ = ["AccountStatus", "StatusReport", "gather", "render_table"]
 
 
-
 @dataclass(frozen=True)
 class AccountStatus:
     address: str
@@ -70,9 +69,11 @@ def _needs_consent(account: AccountConfig, config: Config, health: AccountHealth
     try:
         from relayd.oauth.store import TokenStore
 
-        return not TokenStore(config.state_directory, key=config.tokens_key).path_for(
-            account.address
-        ).exists()
+        return (
+            not TokenStore(config.state_directory, key=config.tokens_key)
+            .path_for(account.address)
+            .exists()
+        )
     except ImportError:  # no token store in this build: judge by the directory alone
         return not tokens.is_dir()
 
@@ -92,8 +93,7 @@ def _account_status(
     elif health.state is AccountState.PAUSED:
         fix = hint_for(health.reason) or ""
         fix = (fix + " " if fix else "") + (
-            "After fixing: `relayd reload`, or "
-            f"`relayd queue release --account {account.address}`."
+            f"After fixing: `relayd reload`, or `relayd queue release --account {account.address}`."
         )
     elif health.state is AccountState.OK:
         why = ""
@@ -227,12 +227,20 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
     rows = [("ACCOUNT", "STATE", "LAST SUCCESS", "LAST ERROR", "QUEUED", "SENT-COPY")]
     for a in report.accounts:
         state = a.state if not a.why or a.state == "ok" else f"{a.state}: {_short(a.why, 40)}"
-        error = "-" if a.last_error_at is None else (
-            f"{_when(a.last_error_at)} {_short(a.last_error, 36)}"
+        error = (
+            "-"
+            if a.last_error_at is None
+            else (f"{_when(a.last_error_at)} {_short(a.last_error, 36)}")
         )
         rows.append(
-            (a.address, state, _when(a.last_success_at), error, str(a.queued),
-             str(a.sent_copy_backlog))
+            (
+                a.address,
+                state,
+                _when(a.last_success_at),
+                error,
+                str(a.queued),
+                str(a.sent_copy_backlog),
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -243,4 +251,3 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
     if not report.accounts:
         lines.append("(no accounts configured)")
     return "\n".join(lines) + "\n"
-

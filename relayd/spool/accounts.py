@@ -138,8 +138,7 @@ class HealthBook:
         if (
             old is not None
             and old.differs_only_in_success(health)
-            and now - self._saved_at.get(health.address, -HEALTH_SAVE_SECONDS)
-            < HEALTH_SAVE_SECONDS
+            and now - self._saved_at.get(health.address, -HEALTH_SAVE_SECONDS) < HEALTH_SAVE_SECONDS
         ):
             self._unsaved.add(health.address)
             return
@@ -152,4 +151,3 @@ class HealthBook:
             self._saved_at[address] = time.monotonic()
             self.store.save(self._health[address])
         self._unsaved.clear()
-

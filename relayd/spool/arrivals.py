@@ -80,8 +80,10 @@ class Announcer:
             self.sock.send(datagram)
         except OSError as exc:
             # Nothing is lost: the scheduler's scan of incoming/ finds these files.
-            log.warning("cannot notify the scheduler (%s); it will find the mail in the spool",
-                        exc.strerror or exc)
+            log.warning(
+                "cannot notify the scheduler (%s); it will find the mail in the spool",
+                exc.strerror or exc,
+            )
 
 
 class ArrivalInbox:

@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 EXPIRED = "The message could not be delivered before the retry lifetime ended."
 REFUSED = "The receiving server refused these recipients permanently."
 DELAYED = (
-    "This is a warning only: delivery is being retried, and you need not send the message "
-    "again."
+    "This is a warning only: delivery is being retried, and you need not send the message again."
 )
 
 
@@ -129,4 +128,3 @@ def _head_of(msg: StoredMessage) -> bytes:
         if b"\r\n\r\n" in head or len(head) > HEADER_LIMIT:
             break
     return head
-

@@ -220,9 +220,7 @@ class GroupCommitter:
     def __init__(self, spool: Spool, *, in_loop: bool = False) -> None:
         self.spool = spool
         self.in_loop = in_loop
-        self._pending: list[
-            tuple[Reception, asyncio.Future[None], Callable[[], None] | None]
-        ] = []
+        self._pending: list[tuple[Reception, asyncio.Future[None], Callable[[], None] | None]] = []
         self._running = False
         self._drainer: asyncio.Task[None] | None = None
         self._threaded_until = 0.0  # monotonic time; the disk was slow: use the thread

@@ -239,9 +239,7 @@ class Scheduler:
     def is_reserved(self, queue_id: str, queue: str) -> bool:
         return self._where.get(queue_id) == queue and queue_id not in self._account_of
 
-    def place(
-        self, queue_id: str, queue: str, account: str, state: DeliveryState | None
-    ) -> None:
+    def place(self, queue_id: str, queue: str, account: str, state: DeliveryState | None) -> None:
         """Start-up intake: the envelope of a reserved message has been read."""
         if queue == "incoming":
             if not self._stopping:

@@ -85,8 +85,10 @@ class SpoolKey:
         """A delivery-state file (small, rewritten whole): a fresh salt, so a fresh key, at
         every write; the key's purpose is in the derivation, apart from message files'."""
         salt = os.urandom(SALT_BYTES)
-        return SEALED_STATE + salt + self._state_cipher(salt, queue_id).encrypt(
-            _ENVELOPE_NONCE, data, None
+        return (
+            SEALED_STATE
+            + salt
+            + self._state_cipher(salt, queue_id).encrypt(_ENVELOPE_NONCE, data, None)
         )
 
     def open_state(self, queue_id: str, sealed: bytes) -> bytes:

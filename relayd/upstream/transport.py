@@ -295,9 +295,7 @@ class UpstreamSession:
         replies: dict[str, tuple[Phase, Reply]] = {}
         try:
             channel.begin()
-            mail, rcpt_replies, data = await self._exchange(
-                channel, [*commands, b"DATA\r\n"], smtp
-            )
+            mail, rcpt_replies, data = await self._exchange(channel, [*commands, b"DATA\r\n"], smtp)
             accepted: list[str] = []
             for rcpt, resp in zip(recipients, rcpt_replies, strict=True):
                 if mail.code != 250:

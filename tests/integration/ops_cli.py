@@ -24,7 +24,9 @@ def relayd_cli(
         check=False,
     )
     return subprocess.CompletedProcess(
-        proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+        proc.args,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
     )
 

@@ -75,9 +75,7 @@ def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
     assert mail_world.messages(sender.name) == []  # never bounced
 
 
-def test_a_paused_account_resumes_when_its_probe_login_succeeds(
-    mail_world, new_mailbox, relay_for
-):
+def test_a_paused_account_resumes_when_its_probe_login_succeeds(mail_world, new_mailbox, relay_for):
     """SPEC: a paused account is probed with a login alone every retry.max (2 s here)."""
     sender, rcpt = new_mailbox("probed"), new_mailbox("rcpt")
     configured = "the-password-relayd-has"

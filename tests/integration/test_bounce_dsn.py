@@ -40,9 +40,7 @@ def test_rejected_recipient_bounces_into_senders_mailbox(mail_world, new_mailbox
     assert setup.relayd.stop() == 0
 
 
-def test_mail_deferred_past_delay_warning_tells_the_sender_once(
-    mail_world, new_mailbox, relay_for
-):
+def test_mail_deferred_past_delay_warning_tells_the_sender_once(mail_world, new_mailbox, relay_for):
     """spool.delay_warning: one "delayed" DSN while the upstream is down, then the mail."""
     sender, rcpt = new_mailbox("delayed"), new_mailbox("rcpt")
     setup = relay_for(sender)
@@ -83,6 +81,7 @@ def test_mail_deferred_past_delay_warning_tells_the_sender_once(
 
 def deferrals(setup, queue_id: str) -> list[str]:
     return [
-        line for line in setup.relayd.log().splitlines()
+        line
+        for line in setup.relayd.log().splitlines()
         if queue_id in line and "status=deferred" in line
     ]

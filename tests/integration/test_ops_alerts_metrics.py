@@ -50,8 +50,12 @@ def _account(dir_, mailbox, password=None):
 def _tenant(world, accounts, port=None):
     return {
         "provider": "custom",
-        "smtp": {"host": "127.0.0.1", "port": port or world.smtp_starttls_port, "tls": "starttls",
-                 "ca_file": str(world.pki.ca_cert)},
+        "smtp": {
+            "host": "127.0.0.1",
+            "port": port or world.smtp_starttls_port,
+            "tls": "starttls",
+            "ca_file": str(world.pki.ca_cert),
+        },
         "accounts": accounts,
     }
 
@@ -69,14 +73,20 @@ def test_paused_account_raises_one_alert_email_and_one_webhook_post(
 ):
     url, posts = webhook
     broken, via, ops, rcpt = (new_mailbox(p) for p in ("broken", "via", "ops", "rcpt"))
-    tenant = _tenant(mail_world, [_account(tmp_path, broken, "wrong-password-1"),
-                                  _account(tmp_path, via)])
+    tenant = _tenant(
+        mail_world, [_account(tmp_path, broken, "wrong-password-1"), _account(tmp_path, via)]
+    )
     setup = relayd_setup({"acme": tenant}, may_send_as=[broken.address])
     setup.config["alerts"] = {"via": via.address, "email": ops.address, "webhook": url}
     setup.rewrite_config()
     setup.relayd.start()
-    send(setup.port, broken.address, [rcpt.address],
-         message(broken.address, rcpt.address, "held"), login=("app", setup.client_password))
+    send(
+        setup.port,
+        broken.address,
+        [rcpt.address],
+        message(broken.address, rcpt.address, "held"),
+        login=("app", setup.client_password),
+    )
     [alert] = mail_world.wait_for_messages(ops.name, 1, timeout=30)
     _wait(lambda: len(posts) >= 1, "the webhook POST")
     assert b"Subject: [relayd] account " + broken.address.encode() + b" paused" in alert
@@ -88,8 +98,13 @@ def test_paused_account_raises_one_alert_email_and_one_webhook_post(
     assert post["tenant"] == "acme" and "535" in post["detail"]
     # Paused: new mail is held, yet the incident stays one alert (a settling pause, not a
     # timing assertion: nothing more may arrive, however long one waits).
-    send(setup.port, broken.address, [rcpt.address],
-         message(broken.address, rcpt.address, "held 2"), login=("app", setup.client_password))
+    send(
+        setup.port,
+        broken.address,
+        [rcpt.address],
+        message(broken.address, rcpt.address, "held 2"),
+        login=("app", setup.client_password),
+    )
     time.sleep(3)
     assert len(mail_world.messages(ops.name)) == 1 and len(posts) == 1
     assert setup.relayd.stop() == 0
@@ -106,15 +121,22 @@ def test_no_alert_email_through_another_tenants_mailbox(
     url, posts = webhook
     broken, via, ops = new_mailbox("broken"), new_mailbox("via"), new_mailbox("ops")
     setup = relayd_setup(
-        {"a": _tenant(mail_world, [_account(tmp_path, broken, "wrong-password-2")]),
-         "b": _tenant(mail_world, [_account(tmp_path, via)])},
+        {
+            "a": _tenant(mail_world, [_account(tmp_path, broken, "wrong-password-2")]),
+            "b": _tenant(mail_world, [_account(tmp_path, via)]),
+        },
         may_send_as=[broken.address],
     )
     setup.config["alerts"] = {"via": via.address, "email": ops.address, "webhook": url}
     setup.rewrite_config()
     setup.relayd.start()
-    send(setup.port, broken.address, [ops.address],
-         message(broken.address, ops.address, "held"), login=("app", setup.client_password))
+    send(
+        setup.port,
+        broken.address,
+        [ops.address],
+        message(broken.address, ops.address, "held"),
+        login=("app", setup.client_password),
+    )
     _wait(lambda: len(posts) >= 1, "the webhook POST")
     log = setup.relayd.wait_for_log("alert email not sent")
     assert "relayd sends no news about tenant a" in log
@@ -132,8 +154,10 @@ def test_metrics_and_healthz(mail_world, new_mailbox, relayd_setup, tmp_path):
     good, down, rcpt = new_mailbox("good"), new_mailbox("down"), new_mailbox("rcpt")
     metrics_port = free_port()
     setup = relayd_setup(
-        {"ok": _tenant(mail_world, [_account(tmp_path, good)]),
-         "down": _tenant(mail_world, [_account(tmp_path, down)], port=free_port())},
+        {
+            "ok": _tenant(mail_world, [_account(tmp_path, good)]),
+            "down": _tenant(mail_world, [_account(tmp_path, down)], port=free_port()),
+        },
         may_send_as=[good.address, down.address],
         retry={"first": "1h", "max": "2h", "give_up_after": "5d"},
     )
@@ -141,10 +165,20 @@ def test_metrics_and_healthz(mail_world, new_mailbox, relayd_setup, tmp_path):
     setup.rewrite_config()
     setup.relayd.start()
     login = ("app", setup.client_password)
-    send(setup.port, good.address, [rcpt.address], message(good.address, rcpt.address, "m1"),
-         login=login)
-    send(setup.port, down.address, [rcpt.address], message(down.address, rcpt.address, "m2"),
-         login=login)
+    send(
+        setup.port,
+        good.address,
+        [rcpt.address],
+        message(good.address, rcpt.address, "m1"),
+        login=login,
+    )
+    send(
+        setup.port,
+        down.address,
+        [rcpt.address],
+        message(down.address, rcpt.address, "m2"),
+        login=login,
+    )
     mail_world.wait_for_messages(rcpt.name, 1)
     setup.relayd.wait_for_log("status=deferred")
     status, text = _scrape(metrics_port, "/metrics")

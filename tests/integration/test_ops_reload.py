@@ -21,7 +21,10 @@ def test_sighup_adds_an_account_and_refuses_broken_yaml(
     setup.relayd.start()
     login = ("app", setup.client_password)
     setup.config["tenants"]["other"] = custom_tenant(
-        mail_world, tmp_path / "secrets", second, port=mail_world.smtp_implicit_port,
+        mail_world,
+        tmp_path / "secrets",
+        second,
+        port=mail_world.smtp_implicit_port,
         tls="implicit",
     )
     setup.config["clients"]["app"]["may_send_as"] = [first.address, second.address]
@@ -29,8 +32,13 @@ def test_sighup_adds_an_account_and_refuses_broken_yaml(
     pid = setup.relayd.proc.pid
     setup.relayd.proc.send_signal(signal.SIGHUP)
     setup.relayd.wait_for_log("configuration reloaded")
-    send(setup.port, second.address, [rcpt.address],
-         message(second.address, rcpt.address, "new account"), login=login)
+    send(
+        setup.port,
+        second.address,
+        [rcpt.address],
+        message(second.address, rcpt.address, "new account"),
+        login=login,
+    )
     [got] = mail_world.wait_for_messages(rcpt.name, 1)
     assert b"Subject: new account" in got
 
@@ -41,10 +49,20 @@ def test_sighup_adds_an_account_and_refuses_broken_yaml(
     assert "line" in log.split("reload refused", 1)[1]  # the errors name their line
     by_command = relayd_cli(setup.config_path, "reload")
     assert by_command.returncode != 0 and "line" in by_command.stderr
-    send(setup.port, first.address, [rcpt.address],
-         message(first.address, rcpt.address, "old config"), login=login)
-    send(setup.port, second.address, [rcpt.address],
-         message(second.address, rcpt.address, "still there"), login=login)
+    send(
+        setup.port,
+        first.address,
+        [rcpt.address],
+        message(first.address, rcpt.address, "old config"),
+        login=login,
+    )
+    send(
+        setup.port,
+        second.address,
+        [rcpt.address],
+        message(second.address, rcpt.address, "still there"),
+        login=login,
+    )
     assert len(mail_world.wait_for_messages(rcpt.name, 3)) == 3
     assert setup.relayd.proc.pid == pid and setup.relayd.proc.poll() is None
 

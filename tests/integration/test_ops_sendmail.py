@@ -60,12 +60,28 @@ def test_console_script_exit_codes_and_smtp_mode(mail_world, new_mailbox, relay_
     assert script, "pip install -e . installs the relayd-sendmail console script"
 
     def sendmail(*args: str, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([script, "-C", str(setup.config_path), *args], input=stdin,
-                              capture_output=True, timeout=60, check=False)
+        return subprocess.run(
+            [script, "-C", str(setup.config_path), *args],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
 
     # Recipients as arguments, without -i: a lone "." ends the message.
-    ok = sendmail("-i", "-oi", "-odi", "-oem", "-bm", "-F", "Cron Daemon", "-r", sender.address,
-                  rcpt.address, stdin=b"Subject: args\n\nline\n.\n")
+    ok = sendmail(
+        "-i",
+        "-oi",
+        "-odi",
+        "-oem",
+        "-bm",
+        "-F",
+        "Cron Daemon",
+        "-r",
+        sender.address,
+        rcpt.address,
+        stdin=b"Subject: args\n\nline\n.\n",
+    )
     assert ok.returncode == 0, ok.stderr
     [got] = mail_world.wait_for_messages(rcpt.name, 1)
     assert b'From: "Cron Daemon" <' + sender.address.encode() + b">" in got

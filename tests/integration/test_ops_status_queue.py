@@ -29,12 +29,28 @@ def test_queue_commands_and_status_with_the_daemon_running(
     setup.relayd.start()
     login = ("app", setup.client_password)
     state = setup.dir / "state"
-    first = _queue_id(send(setup.port, sender.address, [rcpt.address],
-                           message(sender.address, rcpt.address, "first"), login=login))
-    second = _queue_id(send(setup.port, sender.address, [rcpt.address],
-                            message(sender.address, rcpt.address, "second"), login=login))
-    wait_until(lambda: sorted(spooled(state)["deferred"]) == sorted([first, second]),
-               what="both messages deferred")
+    first = _queue_id(
+        send(
+            setup.port,
+            sender.address,
+            [rcpt.address],
+            message(sender.address, rcpt.address, "first"),
+            login=login,
+        )
+    )
+    second = _queue_id(
+        send(
+            setup.port,
+            sender.address,
+            [rcpt.address],
+            message(sender.address, rcpt.address, "second"),
+            login=login,
+        )
+    )
+    wait_until(
+        lambda: sorted(spooled(state)["deferred"]) == sorted([first, second]),
+        what="both messages deferred",
+    )
 
     status = relayd_json(setup.config_path, "status")
     assert status["running"] and status["uptime"] >= 0 and status["pid"] == setup.relayd.proc.pid
@@ -87,11 +103,25 @@ def test_paused_account_status_and_release_with_the_daemon_stopped(
     setup.relayd.start()
     login = ("app", setup.client_password)
     state = setup.dir / "state"
-    held = _queue_id(send(setup.port, sender.address, [rcpt.address],
-                          message(sender.address, rcpt.address, "held"), login=login))
+    held = _queue_id(
+        send(
+            setup.port,
+            sender.address,
+            [rcpt.address],
+            message(sender.address, rcpt.address, "held"),
+            login=login,
+        )
+    )
     setup.relayd.wait_for_log("ALERT account paused", timeout=30)
-    doomed = _queue_id(send(setup.port, sender.address, [rcpt.address],
-                            message(sender.address, rcpt.address, "doomed"), login=login))
+    doomed = _queue_id(
+        send(
+            setup.port,
+            sender.address,
+            [rcpt.address],
+            message(sender.address, rcpt.address, "doomed"),
+            login=login,
+        )
+    )
     wait_until(lambda: sorted(spooled(state)["hold"]) == sorted([held, doomed]), what="held")
     live = relayd_json(setup.config_path, "status")
     assert live["accounts"][0]["state"] == "paused"
@@ -128,9 +158,13 @@ def test_release_account_through_the_running_daemon(mail_world, new_mailbox, rel
     wrong = "also-not-the-password-9"
     setup = relay_for(sender, password=wrong)
     setup.relayd.start()
-    send(setup.port, sender.address, [rcpt.address],
-         message(sender.address, rcpt.address, "release me"),
-         login=("app", setup.client_password))
+    send(
+        setup.port,
+        sender.address,
+        [rcpt.address],
+        message(sender.address, rcpt.address, "release me"),
+        login=("app", setup.client_password),
+    )
     setup.relayd.wait_for_log("ALERT account paused", timeout=30)
     mail_world.set_password(sender.name, wrong)
     released = relayd_cli(setup.config_path, "queue", "release", "--account", sender.address)

@@ -24,7 +24,10 @@ def test_unit_file_security_score_is_at_most_2():
     assert analyze, "scripts/test installs the systemd package for systemd-analyze"
     result = subprocess.run(
         [analyze, "security", "--offline=yes", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     found = re.search(r"Overall exposure level for relayd\.service: ([0-9.]+)", result.stdout)
     assert found, result.stdout + result.stderr
@@ -32,8 +35,13 @@ def test_unit_file_security_score_is_at_most_2():
     print(f"systemd-analyze security --offline=yes {UNIT.name}: {score}")
     assert score <= 2.0
     text = UNIT.read_text()
-    for line in ("Type=notify", "User=relayd", "StateDirectory=relayd",
-                 "ConfigurationDirectory=relayd", "WatchdogSec="):
+    for line in (
+        "Type=notify",
+        "User=relayd",
+        "StateDirectory=relayd",
+        "ConfigurationDirectory=relayd",
+        "WatchdogSec=",
+    ):
         assert line in text
     assert "LoadCredential=" in text
 
@@ -49,7 +57,11 @@ def test_ready_status_and_watchdog_reach_the_notify_socket(new_mailbox, relay_fo
         with open(setup.relayd.log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "relayd", "-c", str(setup.config_path), "run"],
-                stdout=log, stderr=log, cwd=REPO, env=env, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
             )
         try:
             seen: list[str] = []

@@ -31,7 +31,9 @@ def test_everything_passes_with_a_test_message_and_imap(mail_world, new_mailbox,
     sender, rcpt = new_mailbox("t"), new_mailbox("rcpt")
     setup = relay_for(sender)
     setup.config["tenants"]["t"]["imap"] = {
-        "host": "127.0.0.1", "port": mail_world.imaps_port, "tls": "implicit",
+        "host": "127.0.0.1",
+        "port": mail_world.imaps_port,
+        "tls": "implicit",
         "ca_file": str(mail_world.pki.ca_cert),
     }
     setup.rewrite_config()

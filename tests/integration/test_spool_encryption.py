@@ -62,8 +62,13 @@ def test_sealed_spool_shows_nothing_and_delivers_byte_identical(mail_world, seal
     for path in files:
         raw = path.read_bytes()
         assert raw.startswith(b"RELAYD1S ")
-        for clear in (b"sealed small", b"Confidential ledger", b"leading dot survives",
-                      sender.address.encode(), rcpt.address.encode()):
+        for clear in (
+            b"sealed small",
+            b"Confidential ledger",
+            b"leading dot survives",
+            sender.address.encode(),
+            rcpt.address.encode(),
+        ):
             assert clear not in raw, (path.name, clear)
     mail_world.start_postfix()
     got = mail_world.wait_for_messages(rcpt.name, 2, timeout=30)
@@ -76,8 +81,9 @@ def test_sealed_spool_shows_nothing_and_delivers_byte_identical(mail_world, seal
 def test_an_altered_sealed_file_is_quarantined_not_sent(mail_world, sealed):
     sender, rcpt, setup = sealed
     data = big_message(sender.address, rcpt.address, "tampered")
-    reply = send(setup.port, sender.address, [rcpt.address], data,
-                 login=("app", setup.client_password))
+    reply = send(
+        setup.port, sender.address, [rcpt.address], data, login=("app", setup.client_password)
+    )
     queue_id = reply.rsplit(" ", 1)[1]
     setup.relayd.wait_for_log("status=deferred")
     assert setup.relayd.stop() == 0

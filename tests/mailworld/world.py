@@ -869,4 +869,3 @@ service stats {{
         main.update(self.postfix_main_overrides)
         write_config(self.postfix_config_dir, main, self._postfix_master_cf())
         make_queue_dirs(self.postfix_queue_dir, self.postfix_data_dir)
-

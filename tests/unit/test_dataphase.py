@@ -264,4 +264,3 @@ async def test_refused_recipients_and_a_transaction_with_none_left(
     verbs = [c.split(b" ")[0].split(b":")[0] for c in raw_sink.commands]
     # Without PIPELINING, DATA is not even sent when no recipient was accepted.
     assert verbs.count(b"DATA") == (3 if pipelining else 2)
-

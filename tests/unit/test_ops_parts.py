@@ -14,8 +14,10 @@ from relayd.ops.metrics import Registry
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        ("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled",
-         "SMTP AUTH is disabled"),
+        (
+            "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled",
+            "SMTP AUTH is disabled",
+        ),
         ("534-5.7.9 Application-specific password required", "application-specific password"),
         ("530 5.7.57 Client not authenticated to send mail", "not authenticated"),
         ("554 5.2.252 SendAsDenied; a@x not allowed to send as b@x", "Send As"),

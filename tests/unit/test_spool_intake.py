@@ -66,7 +66,10 @@ def scheduler_for(spool: Spool, deliverer: RecordingDeliverer) -> Scheduler:
     accounts = AccountStore(spool.root.parent, fsync=False)
     accounts.prepare()
     return Scheduler(
-        config=config(), spool=spool, accounts=accounts, deliverer=deliverer  # type: ignore[arg-type]
+        config=config(),
+        spool=spool,
+        accounts=accounts,
+        deliverer=deliverer,  # type: ignore[arg-type]
     )
 
 

@@ -276,7 +276,6 @@ async def test_without_accepting_processes_done_files_are_deleted(tmp_path: Path
     assert names(spool, "incoming") == names(spool, "free") == []
 
 
-
 def test_accepting_processes_take_their_own_shares_of_the_free_files_first(
     tmp_path: Path,
 ) -> None:
