@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from relayd.config import ConfigError, find_config_path, load_config
-from relayd.inbound.passwords import hash_password
 from relayd.oauth.consent import add_auth_arguments, cmd_auth
 from relayd.ops.checkup import add_test_arguments, cmd_test
 from relayd.ops.commands import (
@@ -26,6 +25,7 @@ from relayd.ops.commands import (
     cmd_sendmail,
     cmd_status,
 )
+from relayd.passwords import hash_password
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 

@@ -35,7 +35,6 @@ from relayd.oauth.registry import TokenSources
 from relayd.oauth.store import TokenStore
 from relayd.ops.service import Operations
 from relayd.sdnotify import notify, watchdog_interval
-from relayd.secrets_index import all_secret_values
 from relayd.spool.accounts import AccountStore
 from relayd.spool.arrivals import ArrivalInbox
 from relayd.spool.scheduler import Scheduler
@@ -56,12 +55,6 @@ DRAIN_SECONDS = 30.0
 # directory listing is cheap, needs no pid file or signal rights (`relayd auth` may run as
 # another user than the daemon), and works the same once a control socket exists.
 TOKEN_STORE_POLL_SECONDS = 2.0
-
-
-def not_yet_served(config: Config) -> list[str]:
-    """Configured features this version does not act on yet: said at start, never silent."""
-    notes: list[str] = []
-    return notes
 
 
 class Daemon:
@@ -108,7 +101,7 @@ class Daemon:
         """Before the event loop: recover the spool, bind the listeners, fork the accepting
         processes (a child never returns from here; ``fork=False``: this process accepts).
         Raises OSError when a listener cannot be bound."""
-        redactor.set_secrets(all_secret_values(self.config))
+        redactor.set_secrets(self.config.secret_values())
         self.config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.accounts.prepare()
         self._recovery = self.spool.recover(check_files=False)
@@ -136,8 +129,6 @@ class Daemon:
             report.removed_temp,
             report.quarantined,
         )
-        for note in not_yet_served(self.config):
-            log.warning("%s", note)
         self.scheduler.start()
         self.filing.start()
         token_watch = loop.create_task(self._watch_token_store())
@@ -221,7 +212,7 @@ class Daemon:
 
         async def beat() -> None:
             # Sent from the event loop itself: a blocked loop stops the beats and systemd
-            # restarts the daemon (reliability.md case 24).
+            # restarts the daemon (sd_watchdog_enabled(3)).
             while True:
                 notify("WATCHDOG=1")
                 await asyncio.sleep(interval)
@@ -270,7 +261,7 @@ class Daemon:
             return
         for note in notes:
             log.warning("%s", note)
-        redactor.set_secrets(all_secret_values(config))
+        redactor.set_secrets(config.secret_values())
         if config.tokens_key != self.config.tokens_key:
             self.token_store = TokenStore(
                 config.state_directory, key=config.tokens_key, fsync=self.fsync
@@ -291,9 +282,6 @@ class Daemon:
 
     def _sent_copy_dropped(self, account: str, queue_id: str, reason: str) -> None:
         self.scheduler.events.sent_copy_dropped(account, queue_id, reason)
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
 
 def run_daemon(config_path: Path) -> int:

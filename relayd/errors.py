@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RelaydError", "SpoolError", "UpstreamError"]
+__all__ = ["RelaydError", "SpoolError"]
 
 
 class RelaydError(Exception):
@@ -11,7 +11,3 @@ class RelaydError(Exception):
 
 class SpoolError(RelaydError, OSError):
     """The spool could not store or read a message; the client gets 452 4.3.1, never 250."""
-
-
-class UpstreamError(RelaydError, ConnectionError):
-    """A delivery attempt failed before a reply could be classified (network, TLS, timeout)."""

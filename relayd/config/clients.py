@@ -1,5 +1,5 @@
 """``clients`` and ``listen``: who may submit, where, and the rules that keep a listener
-from becoming an open relay (SPEC "Configuration" listen comments; reliability.md case 18).
+from becoming an open relay (SPEC "Configuration" listen comments).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from relayd.config.model import (
 )
 from relayd.config.values import parse_listen, parse_network, parse_pattern
 from relayd.config.yamlnodes import Item, NodeReader
-from relayd.inbound.passwords import parse_hash
+from relayd.passwords import parse_hash
 
 __all__ = [
     "CLIENT_KEYS",

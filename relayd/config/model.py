@@ -7,10 +7,12 @@ YAML path and line it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ANONYMOUS",
@@ -279,3 +281,26 @@ class Config:
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)
+
+    def secret_values(self) -> list[str]:
+        """Every secret value in the config, for the log redactor."""
+        found: list[str] = []
+        _collect_secrets(self, found, set())
+        return found
+
+
+def _collect_secrets(value: Any, found: list[str], seen: set[int]) -> None:
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, Secret):
+        found.append(value.reveal())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _collect_secrets(getattr(value, f.name), found, seen)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect_secrets(item, found, seen)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect_secrets(item, found, seen)

@@ -1,8 +1,9 @@
 """Provider presets (SPEC "Provider presets"): the defaults a `provider:` fills in.
 
 Hosts and ports are the providers' published submission and IMAP endpoints; limits and the
-"files its own Sent copy" flag follow notes/providers.md. Anything here can still be
-overridden in the config, key by key.
+"files its own Sent copy" flag follow what the providers publish and do (Gmail and Exchange
+Online file SMTP submissions in Sent themselves). Anything here can still be overridden in
+the config, key by key.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Preset:
 
 
 def _smtp(host: str, port: int) -> SmtpServer:
-    # Port rule of thumb (notes/providers.md): 465 = implicit TLS, 587 = STARTTLS.
+    # Port rule of thumb: 465 = implicit TLS, 587 = STARTTLS.
     return SmtpServer(host, port, TlsMode.IMPLICIT if port == 465 else TlsMode.STARTTLS, None)
 
 

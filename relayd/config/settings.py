@@ -62,7 +62,7 @@ OAUTH_KEYS = (
 )
 LIMITS_KEYS = ("max_connections", "max_messages_per_minute", "max_recipients")
 
-# msal adds these scopes itself and raises ValueError when they are passed (notes/libraries.md).
+# msal adds these scopes itself and raises ValueError when they are passed.
 _MSAL_RESERVED_SCOPES = frozenset({"offline_access", "openid", "profile"})
 
 
@@ -228,7 +228,7 @@ def _port_and_tls(rd: NodeReader, layer: ServerLayer, proto: _Protocol) -> tuple
             port.value,
             TlsMode.IMPLICIT if port.value == proto.implicit_port else TlsMode.STARTTLS,
         )
-    # Users mix up 465/587 (notes/providers.md): likely a mistake, but it may be deliberate.
+    # Users mix up 465/587: likely a mistake, but it may be deliberate.
     swapped = (port.value == proto.implicit_port and tls.value is TlsMode.STARTTLS) or (
         port.value == proto.starttls_port and tls.value is TlsMode.IMPLICIT
     )

@@ -4,7 +4,7 @@ Pure: no I/O, the clock and the random unit come from the caller. Two kinds of f
 the step (SPEC "Sent copy" and "DSNs"):
 
 - a delivered message's **Sent copy**: ``sent_copy: auto`` skips the providers that file SMTP
-  mail in Sent themselves (Gmail, Exchange Online — notes/providers.md: appending there makes
+  mail in Sent themselves (Gmail, Exchange Online: appending there makes
   duplicates), ``always``/``never`` say so, and an account without ``imap`` has nowhere to file;
 - a **DSN** relayd wrote, filed in the sender's INBOX when the account has IMAP (so it works
   while SMTP is down and never lands in Sent).

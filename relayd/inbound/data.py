@@ -7,7 +7,7 @@ section so that the header policy can look at it before a single byte is written
 
 Everything works on whole blocks with bytes operations (``count``, ``replace``, ``find``);
 no Python code runs per line of a message body. That is where aiosmtpd's own DATA reader
-spends most of its time (notes/performance.md).
+spends most of its time.
 """
 
 from __future__ import annotations

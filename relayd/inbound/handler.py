@@ -40,7 +40,7 @@ from relayd.core.routing import (
 )
 from relayd.inbound.data import SIZE_REPLY
 from relayd.inbound.headers import HeaderPolicy, apply_header_policy, new_message_id
-from relayd.inbound.passwords import verify_password
+from relayd.passwords import verify_password
 from relayd.spool.store import Reception, Spool, new_queue_id
 
 __all__ = [

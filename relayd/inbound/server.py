@@ -1,7 +1,7 @@
 """The SMTP protocol towards local applications: aiosmtpd's ``SMTP``, with DATA streamed.
 
 aiosmtpd gathers a whole message in memory line by line, answers bare-LF mail with ``500 Line
-too long`` and has no enhanced status codes on its own replies (notes/libraries.md). This
+too long`` and has no enhanced status codes on its own replies (aiosmtpd 1.4). This
 subclass keeps its command loop, its AUTH mechanisms and its STARTTLS (which discards
 plaintext buffered before the handshake, CVE-2024-34083) and replaces the rest:
 
@@ -53,7 +53,7 @@ log = logging.getLogger("relayd.inbound")
 # of "AUTH <mechanism> <response>" but not a base64 credential line that a confused client
 # sends as a command, and its warning about unknown commands quotes the command word. Keeping
 # its logger at WARNING, with that one warning redacted, means no AUTH payload or password
-# reaches relayd's logs whatever log_level says (reliability.md case 21).
+# reaches relayd's logs whatever log_level says.
 _AIOSMTPD_LOG = logging.getLogger("mail.log")
 _AIOSMTPD_LOG.setLevel(logging.WARNING)
 

@@ -35,7 +35,6 @@ from relayd.config.model import Config
 from relayd.inbound.handler import InboundHandler, local_hostnames
 from relayd.inbound.listeners import BoundListener, start_listeners
 from relayd.log import configure_logging, redactor
-from relayd.secrets_index import all_secret_values
 from relayd.spool.arrivals import Announcer
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
@@ -115,7 +114,7 @@ def run_worker(
 
 async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int] = (0, 1)) -> int:
     loop = asyncio.get_running_loop()
-    redactor.set_secrets(all_secret_values(config))
+    redactor.set_secrets(config.secret_values())
     announcer = Announcer(channels.announcer)
     # This process only receives: its commits may run on its event loop, and files are
     # created ahead of need (relayd.spool.reception).
@@ -156,7 +155,7 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
                 "accepting process %d keeps its configuration: listener TLS: %s", os.getpid(), exc
             )
             return
-        redactor.set_secrets(all_secret_values(new))
+        redactor.set_secrets(new.secret_values())
         handler.config = new
         log.debug("accepting process %d: new configuration in use", os.getpid())
 

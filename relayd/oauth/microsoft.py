@@ -3,7 +3,7 @@
 Imported only when an account uses it (msal and requests cost ~20 MB). Everything here blocks:
 the registry runs it in a worker thread.
 
-msal facts this module is built around (notes/libraries.md):
+msal facts this module is built around (checked against msal 1.3x):
 - constructing an application performs authority discovery over the network and raises when
   the authority is down: the application is built lazily, on the first refresh, and a failure
   there is "endpoint unavailable" (defer), not a broken account;

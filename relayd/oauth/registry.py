@@ -28,6 +28,7 @@ from typing import Protocol
 
 from relayd.config.model import AccountConfig, OAuthConfig
 from relayd.log import redactor
+from relayd.metrics import TOKEN_REFRESHES
 from relayd.oauth.store import StoredTokens, TokenStore, TokenStoreError
 from relayd.oauth.tokens import (
     REFRESH_MARGIN,
@@ -37,7 +38,6 @@ from relayd.oauth.tokens import (
     TokenEndpointUnavailable,
     needs_refresh,
 )
-from relayd.ops.metrics import TOKEN_REFRESHES
 
 __all__ = ["TokenProvider", "TokenSources", "config_seed_id", "provider_for"]
 

@@ -35,7 +35,7 @@ from typing import Any
 from relayd.config.model import AccountConfig, Config
 from relayd.core.envelope import Envelope
 from relayd.core.routing import find_account
-from relayd.ops.metrics import ALERTS
+from relayd.metrics import ALERTS
 from relayd.spool.store import Spool, new_queue_id
 from relayd.tasks import TaskSet
 
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 #: The client name on relayd's own alert emails: their failures raise no further alert mail.
 ALERT_CLIENT = "relayd-alerts"
 REMIND_EVERY = 24 * 3600.0
-COOL_DOWN = 3600.0
 MAX_PER_HOUR = 20
 WEBHOOK_TIMEOUT = 10.0
 

@@ -298,9 +298,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     from relayd.log import configure_logging, redactor
-    from relayd.secrets_index import all_secret_values
 
     # Library warnings go to stderr through the same redaction as the daemon's log.
     configure_logging("warning")
-    redactor.set_secrets(all_secret_values(config))
+    redactor.set_secrets(config.secret_values())
     return asyncio.run(run_checkup(config, args.address, args.send_to))

@@ -1,4 +1,5 @@
-"""Human hints for provider replies worth explaining (notes/providers.md): pure text.
+"""Human hints for the provider replies worth explaining (as Microsoft and Google document
+them): pure text.
 
 Used by ``relayd test`` and ``relayd status`` so that "535 5.7.139" comes with what to do
 about it, not just the code.

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relayd.config.model import ListenerConfig
+from relayd.core.lines import to_crlf
 from relayd.core.routing import (
     Refusal,
     UnixUser,
@@ -141,11 +142,6 @@ class _DropSession(RelaySession):
 _DROP_LISTENER = ListenerConfig.local(Path("maildrop"), "maildrop")
 
 
-def _normalise(content: bytes) -> bytes:
-    """Line ends to CRLF, as the SMTP listener does (bare LF from scripts is the rule here)."""
-    return content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-
-
 class MaildropPickup:
     def __init__(self, state_directory: Path, handler: InboundHandler) -> None:
         self.directory = maildrop_path(state_directory)
@@ -156,9 +152,6 @@ class MaildropPickup:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    def nudge(self) -> None:
-        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -255,7 +248,7 @@ class MaildropPickup:
                 return f"{refusal.reply} <{rcpt}>"
             if rcpt.lower() not in (r.lower() for r in recipients):
                 recipients.append(rcpt)
-        content = _normalise(drop.content)
+        content = to_crlf(drop.content)  # as the SMTP listener does; bare LF is the rule here
         if b"\x00" in content:
             return NUL_REPLY
         if len(content) > config.spool.max_message_size:

@@ -22,19 +22,19 @@ from relayd.config.model import AccountConfig, Config, ListenerConfig
 from relayd.core.envelope import Envelope
 from relayd.core.routing import find_account
 from relayd.inbound.listeners import Listeners, start_listeners
+from relayd.metrics import (
+    ACCEPTED,
+    DELIVERY_LATENCY,
+    RECIPIENTS,
+    REGISTRY,
+    Sample,
+)
 from relayd.ops import alerts as alert_texts
 from relayd.ops.alerts import ALERT_CLIENT, Alerter
 from relayd.ops.control import ControlError, ControlServer, control_socket_path
 from relayd.ops.events import DeliveryEvents, is_tls_failure
 from relayd.ops.maildrop import MaildropPickup, prepare_maildrop
-from relayd.ops.metrics import (
-    ACCEPTED,
-    DELIVERY_LATENCY,
-    RECIPIENTS,
-    REGISTRY,
-    MetricsServer,
-    Sample,
-)
+from relayd.ops.metrics_http import MetricsServer
 from relayd.ops.spoolview import QueueCensus, entries, find_entry
 from relayd.sdnotify import notify
 

@@ -124,11 +124,3 @@ class QueueCensus:
         for gone in set(self._account_of) - seen:
             del self._account_of[gone]
         return result
-
-    def by_account(self) -> dict[str, int]:
-        """Messages waiting for delivery, per account."""
-        totals: dict[str, int] = {}
-        for (queue, account), n in self.count().items():
-            if queue in WAITING:
-                totals[account] = totals.get(account, 0) + n
-        return totals

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.lines import as_delivered
 from relayd.core.routing import find_account
 from relayd.core.sentcopy import (
     Filing,
@@ -41,15 +42,14 @@ from relayd.core.sentcopy import (
     with_job,
 )
 from relayd.errors import SpoolError
-from relayd.ops.metrics import IMAP_COPIES
+from relayd.maildir import CaptureMaildir
+from relayd.metrics import IMAP_COPIES
 from relayd.spool.store import Spool, StoredMessage
 from relayd.sync import wire
 from relayd.sync.backlog import FILING_QUEUE, add_dsn, enter_from_active, return_to_delivery
 from relayd.sync.connections import ImapConnections
 from relayd.sync.imap import ImapError, ImapFailure
 from relayd.tasks import TaskSet
-from relayd.upstream.capture import CaptureMaildir
-from relayd.upstream.dataphase import as_delivered
 
 __all__ = ["FAULT_ENV", "FilingStage"]
 
@@ -138,12 +138,6 @@ class FilingStage:
 
     def set_config(self, config: Config) -> None:
         self.config = config
-
-    def flush(self) -> None:
-        """Retry every waiting filing now."""
-        self._timers = [(0.0, qid) for _, qid in self._timers]
-        heapq.heapify(self._timers)
-        self._wake.set()
 
     # -- intake -------------------------------------------------------------------------
 
@@ -327,7 +321,7 @@ class FilingStage:
             # A Sent copy is \\Seen like anything one sent; a DSN stays unread in the INBOX.
             reply = await session.append(
                 mailbox,
-                wire.delivered_form(content),
+                content,
                 when=item.started,
                 seen=item.job.folder is Folder.SENT,
             )

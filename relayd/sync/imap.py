@@ -1,6 +1,6 @@
 """One IMAP session to an account's mailbox (aioimaplib underneath): log in, find, append.
 
-What aioimaplib 2.0.3 leaves to its caller (notes/libraries.md), done here:
+What aioimaplib 2.0.3 leaves to its caller, done here:
 
 - STARTTLS: it has no method for it, so the command is sent and the transport upgraded with
   ``loop.start_tls()``; capabilities are asked again afterwards (RFC 3501 §6.2.1). TLS is

@@ -4,8 +4,7 @@
   aioimaplib passes mailbox names as given, and an unquoted "Sent Messages" gets NO;
 - LIST responses with their attributes, for the RFC 6154 ``\\Sent`` special-use folder;
 - SEARCH responses; the SASL initial responses of PLAIN (RFC 4616) and XOAUTH2;
-- the Message-ID a copy is found by, the INTERNALDATE of an APPEND, and the form in which the
-  upstream received the message (what the Sent copy must be, byte for byte).
+- the Message-ID a copy is found by, and the INTERNALDATE of an APPEND.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from relayd.sync import mutf7
 
 __all__ = [
     "ListEntry",
-    "delivered_form",
     "find_special_use",
     "internal_date",
     "mailbox_argument",
@@ -35,7 +33,6 @@ __all__ = [
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _LITERAL = re.compile(rb"\{(\d+)\+?\}$")
 _CODE = re.compile(rb"^\s*\[([A-Za-z0-9.-]+)")
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
 def quote(text: str) -> str:
@@ -202,7 +199,7 @@ def plain_response(username: str, password: str) -> bytes:
 
 def xoauth2_response(username: str, token: str) -> bytes:
     """The XOAUTH2 client response: base64 of ``user=U^Aauth=Bearer T^A^A``
-    (Google's and Microsoft's published format; notes/providers.md)."""
+    (the format Google and Microsoft publish)."""
     return base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode())
 
 
@@ -231,15 +228,3 @@ def internal_date(when: float) -> str:
         f'"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year:04d} '
         f'{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"'
     )
-
-
-def delivered_form(content: bytes) -> bytes:
-    """The bytes an SMTP server received for ``content``.
-
-    aiosmtplib turns lone CR and LF into CRLF and ends the data with CRLF before sending
-    (notes/libraries.md), so the Sent copy — "the exact bytes that were delivered" — gets the
-    same treatment. Dot-stuffing is transfer encoding (RFC 5321 §4.5.2) and is undone by the
-    receiver, so it is not part of the message.
-    """
-    normalised = _LINE_ENDINGS.sub(b"\r\n", content)
-    return normalised if normalised.endswith(b"\r\n") else normalised + b"\r\n"

@@ -3,7 +3,7 @@
 aiosmtplib opens the connection, secures it and logs in (``relayd.upstream.transport``);
 then ``ReplyChannel`` takes the transport over for the transactions, because aiosmtplib
 cannot pipeline (RFC 2920): it expects one reply per command it wrote and drops what comes
-on top (notes/libraries.md). With PIPELINING, MAIL FROM, every RCPT TO and DATA go out in
+on top. With PIPELINING, MAIL FROM, every RCPT TO and DATA go out in
 one write and their replies are read in order: one round trip instead of two plus one per
 recipient, and a fraction of the system calls on both ends.
 """

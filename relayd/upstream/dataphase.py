@@ -2,15 +2,15 @@
 
 aiosmtplib's ``data()`` takes the whole message as bytes, copies it twice (line endings,
 dot-stuffing) and writes it at once: a 25 MiB message cost about three times its size in
-memory (notes/libraries.md). Here the content is read from the spool in blocks, each block
+memory. Here the content is read from the spool in blocks, each block
 made transparent (RFC 5321 §4.5.2) and written with flow control, so memory stays at a few
 blocks whatever the size.
 
 What goes on the wire is, after the receiver removes the transparency dots, exactly
-``as_delivered(content)``: every line ending CRLF and a CRLF at the end. The spool holds
-content in that form already (``relayd.inbound.data`` normalises line endings), so for mail
-received over SMTP it is the spooled bytes themselves; the Sent copy files
-``as_delivered(content)`` so that it is the delivered message in every case.
+``relayd.core.lines.as_delivered(content)``: every line ending CRLF and a CRLF at the end.
+The spool holds content in that form already (``relayd.inbound.data`` normalises line
+endings), so for mail received over SMTP it is the spooled bytes themselves; the Sent copy
+files ``as_delivered(content)`` so that it is the delivered message in every case.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from relayd.core.lines import is_crlf_only, to_crlf
+from relayd.core.lines import to_crlf
 from relayd.core.outcome import Reply
 from relayd.upstream.channel import ReplyChannel
 
@@ -27,7 +27,6 @@ __all__ = [
     "BytesContent",
     "ContentSource",
     "DotStuffer",
-    "as_delivered",
     "send_content",
 ]
 
@@ -98,16 +97,6 @@ class DotStuffer:
         if self._empty or self._at_line_start:
             return b".\r\n"
         return b"\r\n.\r\n"
-
-
-def as_delivered(content: bytes) -> bytes:
-    """The message as ``send_data`` delivers it, once the receiver has removed the
-    transparency dots: CRLF line endings and, unless empty, a CRLF at the end."""
-    if content and not is_crlf_only(content):
-        content = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    return content
 
 
 async def send_content(channel: ReplyChannel, content: ContentSource) -> Reply:

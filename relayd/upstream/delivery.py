@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayd.config.model import AccountConfig
+from relayd.core.lines import as_delivered
 from relayd.core.outcome import (
     Failure,
     Phase,
@@ -24,8 +25,8 @@ from relayd.core.outcome import (
     is_send_as_refusal,
 )
 from relayd.core.states import RecipientResult
-from relayd.upstream.capture import CaptureMaildir
-from relayd.upstream.dataphase import ContentSource, as_delivered
+from relayd.maildir import CaptureMaildir
+from relayd.upstream.dataphase import ContentSource
 from relayd.upstream.transport import (
     DEFAULT_TIMEOUTS,
     AttemptError,

@@ -1,8 +1,8 @@
 """Delivery status notifications (RFC 3464), written by relayd for the sender's own mailbox.
 
-Built as bytes, not through the email package's serialiser (reliability.md: CVE-2024-6923);
-the original message's header section is attached as text/rfc822-headers (RFC 6522 §3), so a
-DSN never carries the whole original body back.
+Built as bytes, not through the email package's serialiser (CVE-2024-6923, header injection
+through re-folding); the original message's header section is attached as
+text/rfc822-headers (RFC 6522 §3), so a DSN never carries the whole original body back.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from relayd_proc import Relayd, free_port, write_config, write_secret
 
-from relayd.inbound.passwords import hash_password
+from relayd.passwords import hash_password
 
 _counter = itertools.count(1)
 

@@ -24,7 +24,7 @@ from relayd.config import (
 )
 from relayd.config.presets import PRESETS
 from relayd.config.yamlnodes import parse_duration, parse_size
-from relayd.inbound.passwords import hash_password
+from relayd.passwords import hash_password
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "etc" / "relayd.example.yaml"
@@ -1514,7 +1514,7 @@ def test_cli_without_config(
 def test_cli_hash_password(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from relayd.inbound.passwords import verify_password
+    from relayd.passwords import verify_password
 
     monkeypatch.setattr("sys.stdin", io.StringIO("my password\n"))
     assert cli.main(["hash-password"]) == 0

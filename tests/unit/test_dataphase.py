@@ -20,10 +20,11 @@ import pytest
 from factories import make_account, make_envelope
 
 from relayd.config.model import SmtpServer, TlsMode
+from relayd.core.lines import as_delivered
 from relayd.core.outcome import Verdict
 from relayd.spool.store import Spool
 from relayd.upstream.credentials import AccountCredentials
-from relayd.upstream.dataphase import DotStuffer, as_delivered
+from relayd.upstream.dataphase import DotStuffer
 from relayd.upstream.delivery import Deliverer
 from relayd.upstream.transport import UpstreamSession
 

@@ -25,8 +25,8 @@ from relayd.core.envelope import Envelope
 from relayd.errors import SpoolError
 from relayd.inbound.handler import InboundHandler, LoginGuard
 from relayd.inbound.listeners import Listeners, start_listeners
-from relayd.inbound.passwords import hash_password
 from relayd.inbound.server import RelaySMTP, auth_offered, read_data_section, with_enhanced_code
+from relayd.passwords import hash_password
 from relayd.spool.store import GroupCommitter, Reception, Spool
 
 HELO = "app01.acme.example"

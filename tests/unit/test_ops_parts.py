@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from relayd.metrics import Registry
 from relayd.ops.alerts import IncidentBook
 from relayd.ops.events import is_tls_failure
 from relayd.ops.hints import hint_for
 from relayd.ops.maildrop import Drop, encode_drop, parse_drop
-from relayd.ops.metrics import Registry
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from relayd.inbound.passwords import ScryptHash, hash_password, parse_hash, verify_password
+from relayd.passwords import ScryptHash, hash_password, parse_hash, verify_password
 
 
 def test_round_trip() -> None:

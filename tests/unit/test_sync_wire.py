@@ -192,19 +192,3 @@ def test_message_id(content: bytes, found: str | None) -> None:
 def test_internal_date_is_rfc3501_date_time_in_utc() -> None:
     assert wire.internal_date(1_700_000_000.0) == '"14-Nov-2023 22:13:20 +0000"'
     assert wire.internal_date(0) == '"01-Jan-1970 00:00:00 +0000"'
-
-
-@pytest.mark.parametrize(
-    ("content", "delivered"),
-    [
-        (b"A: b\r\n\r\nline\r\n", b"A: b\r\n\r\nline\r\n"),
-        (b"A: b\r\n\r\nno end", b"A: b\r\n\r\nno end\r\n"),
-        (b"A: b\r\n\r\nlone\rcr\r\n", b"A: b\r\n\r\nlone\r\ncr\r\n"),
-        (b"A: b\r\n\r\n.dot stays\r\n", b"A: b\r\n\r\n.dot stays\r\n"),
-    ],
-)
-def test_delivered_form_matches_what_aiosmtplib_sends(content: bytes, delivered: bytes) -> None:
-    from aiosmtplib.protocol import normalize_message_line_endings
-
-    assert wire.delivered_form(content) == delivered
-    assert normalize_message_line_endings(content) == delivered
