@@ -403,6 +403,8 @@ def big_message_memory(base: Path) -> dict[str, float]:
 def ready_with_spool(base: Path, count: int) -> dict[str, float]:
     """Time from exec to READY=1 with `count` messages waiting in the spool."""
     from relayd.core.envelope import Envelope
+    from relayd.core.queues import Queue
+    from relayd.spool.fileformat import encode_plain
     from relayd.spool.store import Spool, new_queue_id
 
     relay = RelaydRelay(base / "ready")
@@ -414,19 +416,7 @@ def ready_with_spool(base: Path, count: int) -> dict[str, float]:
     for _ in range(count):
         qid = new_queue_id()
         env = Envelope(qid, time.time(), "anonymous", "bench", SENDER, (RCPT,), SENDER, "bench")
-        path = spool.root / "incoming" / qid
-        header = env.to_json()
-        from relayd.spool.store import _MAGIC, _trailer  # the on-disk format, as written
-
-        path.write_bytes(
-            _MAGIC
-            + str(len(header)).encode()
-            + b"\r\n"
-            + header
-            + b"\r\n"
-            + body
-            + _trailer(len(body))
-        )
+        (spool.directory(Queue.INCOMING) / qid).write_bytes(encode_plain(env, body))
     notify_path = relay.base / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify_path))

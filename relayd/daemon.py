@@ -21,6 +21,7 @@ from pathlib import Path
 from relayd import __version__
 from relayd.config import ConfigError, load_config
 from relayd.config.model import AccountConfig, Config
+from relayd.core.queues import Queue
 from relayd.inbound.handler import InboundHandler, local_hostnames
 from relayd.inbound.listeners import (
     BoundListener,
@@ -30,21 +31,24 @@ from relayd.inbound.listeners import (
     start_listeners,
     stop_listeners,
 )
+from relayd.inbound.processes import AcceptProcesses, accept_process_count
 from relayd.log import redactor
-from relayd.oauth.registry import TokenSources
+from relayd.metrics import ACCEPTED
+from relayd.oauth.registry import token_sources_for
 from relayd.oauth.store import TokenStore
-from relayd.ops.service import Operations
+from relayd.ops.alerts import Alerter
+from relayd.ops.service import Operations, OperatorEvents
+from relayd.queue.arrivals import ArrivalInbox, Inlet
+from relayd.queue.scheduler import Scheduler
 from relayd.sdnotify import notify, watchdog_interval
 from relayd.spool.accounts import AccountStore
-from relayd.spool.arrivals import ArrivalInbox
-from relayd.spool.scheduler import Scheduler
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import RecoveryReport, Spool
 from relayd.sync.connections import ImapConnections
 from relayd.sync.filing import FilingStage
+from relayd.tasks import TaskSet
 from relayd.upstream.credentials import AccountCredentials
-from relayd.upstream.delivery import Deliverer
-from relayd.workers import AcceptProcesses, accept_process_count
+from relayd.upstream.delivery import UpstreamDeliverer
 
 __all__ = ["Daemon", "local_hostnames"]
 
@@ -58,34 +62,47 @@ TOKEN_STORE_POLL_SECONDS = 2.0
 
 
 class Daemon:
+    """Every component of the main process, built here with what it uses."""
+
     def __init__(self, config: Config, *, fsync: bool = True) -> None:
         self.config = config
         self.fsync = fsync
         self.started_at = time.time()
         self.spool = Spool(config.state_directory, fsync=fsync, key=spool_key(config.spool))
         self.accounts = AccountStore(config.state_directory, fsync=fsync)
-        self.token_store = TokenStore(config.state_directory, key=config.tokens_key, fsync=fsync)
-        self.tokens = TokenSources(self.token_store)
-        self.deliverer = Deliverer(
-            helo_name=config.helo_name, credentials=AccountCredentials(self.tokens), fsync=fsync
-        )
+        self.tokens = token_sources_for(config, fsync=fsync)
+        self.token_store = self.tokens.store
+        # Whoever puts mail into incoming/ tells the scheduler through here.
+        self.inlet = Inlet()
+        self.alerter = Alerter(config, self.spool, self.inlet.new_mail)
+        events = OperatorEvents(self.alerter, lambda: self.config)
         # Sent copies and DSNs over IMAP; OAuth accounts log in with the SMTP token source.
-        imap = ImapConnections(token_source=self._imap_token)
-        self.filing = FilingStage(config=config, spool=self.spool, connections=imap, fsync=fsync)
+        self.filing = FilingStage(
+            config=config,
+            spool=self.spool,
+            connections=ImapConnections(token_source=self._imap_token),
+            requeue=self.inlet.requeued,
+            events=events,
+            fsync=fsync,
+        )
         self.scheduler = Scheduler(
             config=config,
             spool=self.spool,
             accounts=self.accounts,
-            deliverer=self.deliverer,
-            consent_of=self.tokens.consent_id,
+            deliverer=UpstreamDeliverer(
+                helo_name=config.helo_name,
+                credentials=AccountCredentials(self.tokens),
+                fsync=fsync,
+            ),
+            inlet=self.inlet,
             filing=self.filing,
+            events=events,
+            consent_of=self.tokens.consent_id,
         )
-        self.filing.on_fallback = self.scheduler.submit
-        self.filing.on_dropped = self._sent_copy_dropped
         self.handler = InboundHandler(
             config=config,
             spool=self.spool,
-            on_queued=self.scheduler.accept_new,
+            on_queued=self._accepted,
             local_hostnames=local_hostnames(config),
         )
         self._listeners: Listeners | None = None
@@ -94,8 +111,25 @@ class Daemon:
         self._inbox: ArrivalInbox | None = None
         self._recovery: RecoveryReport | None = None
         self._stop = asyncio.Event()
-        # Control socket, submit.sock + maildrop, alerts, metrics, STATUS= (issue 5).
-        self.ops = Operations(self)
+        self._reloads = TaskSet()
+        # Control socket, submit.sock + maildrop, alerts, metrics, STATUS=.
+        self.ops = Operations(
+            config=config,
+            started_at=self.started_at,
+            spool=self.spool,
+            scheduler=self.scheduler,
+            handler=self.handler,
+            alerter=self.alerter,
+            reload=self.reload,
+        )
+
+    def _accepted(self, queue_id: str, account: str | None) -> None:
+        """A client's message is durable in incoming/ (accepted here, or announced by an
+        accepting process or found by the scan): counted, then queued."""
+        if self.scheduler.knows(queue_id):
+            return
+        ACCEPTED.inc()
+        self.inlet.new_mail(queue_id, account)
 
     def prepare(self, *, fork: bool = True) -> None:
         """Before the event loop: recover the spool, bind the listeners, fork the accepting
@@ -144,7 +178,7 @@ class Daemon:
         await self.ops.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
         for listener in self.config.listeners:
             log.info(
                 "listening on %s (auth %s, tls %s)",
@@ -169,13 +203,13 @@ class Daemon:
 
     async def _start_accepting(self) -> None:
         if self.workers is None:
-            self._listeners = await start_listeners(self.config, self.handler, self._bound)
+            self._listeners = await start_listeners(self.handler, self._bound)
             return
         workers = self.workers
         self._inbox = ArrivalInbox(
             workers.inbox,
-            self.spool.root / "incoming",
-            on_arrival=self._arrived,
+            self.spool.directory(Queue.INCOMING),
+            on_arrival=self._accepted,
             knows=self.scheduler.knows,
             on_ready=workers.on_ready,
         )
@@ -183,15 +217,8 @@ class Daemon:
         await workers.start()
         log.info("%d accepting processes: %s", workers.count, " ".join(map(str, workers.pids)))
 
-    def _arrived(self, queue_id: str, account: str | None) -> None:
-        """A queue id announced by an accepting process (or found by the scan): counted and
-        queued like a message this process accepted itself (``handler.on_queued``, which the
-        metrics wrap)."""
-        if self.scheduler.knows(queue_id):
-            return
-        if account is not None:
-            self.scheduler.expect(queue_id, account)
-        self.handler.on_queued(queue_id)
+    def _reload_in_background(self) -> None:
+        self._reloads.spawn(self.reload())
 
     async def _stop_accepting(self, timeout: float) -> None:
         if self._listeners is not None:
@@ -230,18 +257,19 @@ class Daemon:
                 continue
             seen = now
             self.tokens.forget()
-            self.scheduler.set_config(self.config)
+            self.scheduler.credentials_changed()
 
-    async def reload(self) -> None:
-        """SIGHUP: a broken config is refused and the old one keeps serving (SPEC)."""
+    async def reload(self) -> bool:
+        """SIGHUP: a broken config is refused and the old one keeps serving (SPEC); True if
+        the new one is in force."""
         try:
             config = await asyncio.to_thread(load_config, self.config.source)
         except ConfigError as exc:
             log.error("reload refused, old config still serving:\n%s", exc)
-            return
+            return False
         if config.state_directory != self.config.state_directory:
             log.error("reload refused: state_directory cannot change while running")
-            return
+            return False
         if config.accept_processes != self.config.accept_processes:
             log.warning("accept_processes changed: takes effect at the next start")
         if (config.spool.encrypt_at_rest, config.spool.key) != (
@@ -258,7 +286,7 @@ class Daemon:
                 self._listeners.reload(config)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("reload refused, old config still serving: listener TLS: %s", exc)
-            return
+            return False
         for note in notes:
             log.warning("%s", note)
         redactor.set_secrets(config.secret_values())
@@ -266,22 +294,20 @@ class Daemon:
             self.token_store = TokenStore(
                 config.state_directory, key=config.tokens_key, fsync=self.fsync
             )
-            self.tokens.store = self.token_store
-            self.tokens.forget()
+            self.tokens.use_store(self.token_store)
         self.config = config
         self.handler.config = config
+        self.alerter.config = config
         self.scheduler.set_config(config)
         self.filing.set_config(config)
         self.ops.reloaded(config)
         if self.workers is not None:
             self.workers.reload()  # each re-reads the file the main process just accepted
         log.info("configuration reloaded from %s", config.source)
+        return True
 
     async def _imap_token(self, account: AccountConfig) -> str:
         return (await self.tokens.access_token(account)).value
-
-    def _sent_copy_dropped(self, account: str, queue_id: str, reason: str) -> None:
-        self.scheduler.events.sent_copy_dropped(account, queue_id, reason)
 
 
 def run_daemon(config_path: Path) -> int:

@@ -28,6 +28,9 @@ class Envelope:
     tenant: str
     is_dsn: bool = False  # relayd's own DSN: never answered by another DSN
     smtputf8: bool = False
+    # The message's Message-ID field as received or added (RFC 5322 §3.6.4), found once at
+    # reception: the Sent-copy step searches the folder for it before a second APPEND.
+    message_id: str | None = None
 
     def to_json(self) -> bytes:
         # Field by field rather than dataclasses.asdict(), which deep-copies: this runs for
@@ -43,6 +46,7 @@ class Envelope:
             "tenant": self.tenant,
             "is_dsn": self.is_dsn,
             "smtputf8": self.smtputf8,
+            "message_id": self.message_id,
         }
         return _ENCODER.encode(data).encode()
 
@@ -66,6 +70,8 @@ class DeliveryState:
     delivered_at: float | None = None
     relay: str = ""
     delay_warned: bool = False  # the one "still trying" DSN (spool.delay_warning) went out
+    # Held with `relayd queue hold`: unlike a paused account's hold, only `release` ends it.
+    operator_hold: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def pending(self, envelope: Envelope) -> tuple[str, ...]:
@@ -85,6 +91,12 @@ class DeliveryState:
             raise TypeError("delivery state is not a JSON object")
         data["delivered"] = tuple(data.get("delivered", ()))
         data["bounced"] = tuple(data.get("bounced", ()))
+        extra = data.get("extra")
+        if isinstance(extra, dict) and "operator_hold" in extra:
+            # Written by earlier versions into ``extra``.
+            extra = dict(extra)
+            data["operator_hold"] = bool(extra.pop("operator_hold"))
+            data["extra"] = extra
         return cls(**data)
 
     def but(self, **changes: Any) -> DeliveryState:

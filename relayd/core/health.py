@@ -10,10 +10,19 @@ until the next probe time, so it never slows other accounts.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-__all__ = ["PAUSE_AFTER_REFUSALS", "UNHEALTHY_AFTER_FAILURES", "AccountHealth", "AccountState"]
+from relayd.config.model import AccountConfig
+
+__all__ = [
+    "PAUSE_AFTER_REFUSALS",
+    "UNHEALTHY_AFTER_FAILURES",
+    "AccountHealth",
+    "AccountState",
+    "credentials_fingerprint",
+]
 
 PAUSE_AFTER_REFUSALS = 2
 UNHEALTHY_AFTER_FAILURES = 3
@@ -159,3 +168,28 @@ class AccountHealth:
 
 
 _ALL_BUT_SUCCESS = tuple(f.name for f in fields(AccountHealth) if f.name != "last_success_at")
+
+
+def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
+    """Changes when the configured credentials change; reveals nothing usable about them.
+
+    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
+    changes it (and resumes a paused account), a routine token rotation does not.
+    """
+    h = hashlib.sha256(b"relayd-credentials\0")
+    h.update(account.username.encode())
+    if account.password is not None:
+        h.update(b"\0password\0" + account.password.reveal().encode())
+    if account.oauth is not None:
+        h.update(b"\0oauth\0" + repr(account.oauth).encode())
+        # repr() hides secret values: a new client secret or refresh token must count too.
+        for secret in (
+            account.oauth.client_secret,
+            account.oauth.certificate,
+            account.oauth.service_account_key,
+            account.oauth.refresh_token,
+        ):
+            if secret is not None:
+                h.update(b"\0" + secret.reveal().encode())
+        h.update(b"\0consent\0" + consent.encode())
+    return h.hexdigest()[:24]

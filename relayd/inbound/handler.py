@@ -12,8 +12,6 @@ middle of a message.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import hmac
 import logging
@@ -28,7 +26,6 @@ from aiosmtpd.smtp import AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from relayd.config.model import ANONYMOUS, AuthPolicy, ClientConfig, Config, ListenerConfig
-from relayd.core.envelope import Envelope
 from relayd.core.routing import (
     Refusal,
     RouteDecision,
@@ -36,18 +33,16 @@ from relayd.core.routing import (
     check_address_syntax,
     decide_route,
     identify_client,
-    rewrite_sender,
 )
 from relayd.inbound.data import SIZE_REPLY
-from relayd.inbound.headers import HeaderPolicy, apply_header_policy, new_message_id
+from relayd.inbound.submission import MessageSink, OnQueued, Submission
 from relayd.passwords import verify_password
-from relayd.spool.store import Reception, Spool, new_queue_id
+from relayd.spool.store import Spool
 
 __all__ = [
     "CredentialCheck",
     "InboundHandler",
     "LoginGuard",
-    "MessageSink",
     "RelaySession",
     "Transaction",
     "hook_names",
@@ -206,86 +201,6 @@ class CredentialCheck:
         return True
 
 
-class MessageSink:
-    """Where one accepted transaction's content goes: the header policy, then the spool."""
-
-    def __init__(
-        self,
-        spool: Spool,
-        envelope: Envelope,
-        policy: HeaderPolicy,
-        max_size: int,
-        on_queued: Callable[[str], None],
-    ) -> None:
-        self.spool = spool
-        self.envelope = envelope
-        self.policy = policy
-        self.max_size = max_size
-        self.on_queued = on_queued
-        self._reception: Reception | None = None
-
-    def start(self, head: bytes, rest: bytes) -> str | None:
-        """Check the header section and open the spool file; the refusal reply, if any.
-
-        Raises OSError (SpoolError) when the spool cannot take the message.
-        """
-        message_id = new_message_id(self.policy.helo_name)
-        result = apply_header_policy(head, self.policy, message_id=message_id)
-        if isinstance(result, Refusal):
-            log.info(
-                "%s: refused: client=%s from=<%s>: %s",
-                self.envelope.peer,
-                self.envelope.client,
-                self.envelope.sender,
-                result.reply,
-            )
-            return result.reply
-        self._reception = self.spool.receive(self.envelope)
-        self._reception.write(result)
-        if rest and not rest.startswith(b"\r\n"):
-            self._reception.write(b"\r\n")  # the body had no separator line before it
-        self._reception.write(rest)
-        return None
-
-    def write(self, content: bytes) -> None:
-        assert self._reception is not None
-        self._reception.write(content)
-
-    def commit(self) -> asyncio.Future[None]:
-        """Make the message durable in the spool (file and directory fsync'd); the future is
-        done then, or fails with SpoolError. From this call on, ``abort`` no longer touches
-        the reception, and cancelling the future does not withdraw it (``Reception.submit``).
-
-        The "accepted" log line and ``on_queued`` follow once the session has had its turn
-        to reply: neither is in the time the client waits for its 250.
-        """
-        assert self._reception is not None
-        reception, self._reception = self._reception, None
-        return reception.submit(functools.partial(self._queued, reception.length))
-
-    def _queued(self, size: int) -> None:
-        env = self.envelope
-        queue_id = env.queue_id
-        log.info(
-            "accepted: client=%s peer=%s from=<%s> nrcpt=%d size=%d",
-            env.client,
-            env.peer,
-            env.sender,
-            len(env.recipients),
-            size,
-            extra={"queue_id": queue_id, "account": env.account},
-        )
-        try:
-            self.on_queued(queue_id)
-        except Exception:  # the message is safe in the spool; the scheduler's scan finds it
-            log.exception("%s: on_queued callback failed", queue_id)
-
-    def abort(self) -> None:
-        if self._reception is not None:
-            self._reception.abort()
-            self._reception = None
-
-
 def _size_param(mail_options: list[str]) -> int | None:
     """``SIZE=n`` of MAIL FROM (RFC 1870); aiosmtpd has checked it is all digits."""
     for option in mail_options:
@@ -306,19 +221,18 @@ class InboundHandler:
         self,
         config: Config,
         spool: Spool,
-        on_queued: Callable[[str], None],
+        on_queued: OnQueued,
         local_hostnames: frozenset[str],
         *,
         clock: Callable[[], float] = time.monotonic,
         verify: Callable[[str, str], bool] = verify_password,
-        announce: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``on_queued(queue id, account)``: told once a message is durable (in an
+        accepting process, the announcement to the main process, which then need not open
+        the file to know the message's lane)."""
         self.config = config  # replaced on reload; read once per transaction
         self.spool = spool
         self.on_queued = on_queued
-        # In an accepting process: told (queue id, account) instead of ``on_queued``, so
-        # the scheduling process can queue the message without opening its file.
-        self.announce = announce
         self.local_hostnames = local_hostnames
         self.guard = LoginGuard(clock)
         self.credentials = CredentialCheck(verify)
@@ -431,40 +345,14 @@ class InboundHandler:
         """The sink for the content of an accepted transaction (after its RCPTs)."""
         config, client, route = envelope.config, envelope.client, envelope.route
         assert config is not None and client is not None and route is not None
-        account = route.account
-        record = Envelope(
-            queue_id=new_queue_id(),
-            received_at=time.time(),
-            client=client.name,
-            peer=session.peer_text,
-            sender=route.sender,
+        submission = Submission(
+            config=config,
+            client=client,
+            route=route,
+            original_sender=envelope.original_sender,
             recipients=tuple(envelope.rcpt_tos),
-            account=account.address,
-            tenant=account.tenant,
+            peer=session.peer_text,
             smtputf8=bool(envelope.smtp_utf8),
+            local_hostnames=self.local_hostnames,
         )
-        rewrite: Callable[[str], str] | None = None
-        if envelope.original_sender.lower() != route.sender.lower():
-            local_hostnames = self.local_hostnames
-
-            def rewrite(address: str) -> str:
-                return rewrite_sender(config, address, local_hostnames)
-
-        policy = HeaderPolicy(
-            sender=route.sender,
-            # SPEC rule 5 names the sender and the account's aliases; the account's own
-            # address is the mailbox the message leaves from, so naming it forges nothing.
-            allowed=frozenset({route.sender.lower(), account.address, *account.aliases}),
-            from_name=account.from_name,
-            helo_name=config.helo_name,
-            rewrite=rewrite,
-        )
-        on_queued = self.on_queued
-        announce = self.announce
-        if announce is not None:
-            address = account.address
-
-            def on_queued(queue_id: str) -> None:
-                announce(queue_id, address)
-
-        return MessageSink(self.spool, record, policy, config.spool.max_message_size, on_queued)
+        return MessageSink(submission, self.spool, self.on_queued)

@@ -25,10 +25,12 @@ from email.headerregistry import AddressHeader, HeaderRegistry
 from email.utils import format_datetime, getaddresses
 from typing import cast
 
+from relayd.core.msgid import message_id_from
 from relayd.core.routing import Refusal
 
 __all__ = [
     "MAX_ORIGINATOR_LENGTH",
+    "CheckedHeader",
     "HeaderField",
     "HeaderPolicy",
     "apply_header_policy",
@@ -66,6 +68,14 @@ class HeaderPolicy:
     # rewrite_senders, when it changed the envelope sender: a From:/Sender: naming an address
     # that rewrites to the sender is rewritten too (SPEC routing rule 2).
     rewrite: Callable[[str], str] | None = None
+
+
+@dataclass(frozen=True)
+class CheckedHeader:
+    """A header section that passed the policy: the bytes to spool and its Message-ID."""
+
+    head: bytes
+    message_id: str | None
 
 
 @dataclass(frozen=True)
@@ -188,8 +198,9 @@ def apply_header_policy(
     *,
     now: datetime | None = None,
     message_id: str | None = None,
-) -> bytes | Refusal:
-    """The header section to spool, or the refusal to reply with."""
+) -> CheckedHeader | Refusal:
+    """The header section to spool (and the Message-ID it has), or the refusal to reply
+    with. ``message_id``: the one to add when the message has none."""
     fields = parse_fields(head)
     by_name: dict[str, list[int]] = {}
     for index, field in enumerate(fields):
@@ -210,10 +221,14 @@ def apply_header_policy(
         added.append(f"From: {_format_mailbox(policy.from_name or '', policy.sender)}")
     if "date" not in by_name:
         added.append(f"Date: {format_datetime(now or datetime.now().astimezone())}")
-    if "message-id" not in by_name:
-        added.append(f"Message-ID: {message_id or new_message_id(policy.helo_name)}")
+    ids = by_name.get("message-id")
+    if ids:
+        found = message_id_from(fields[ids[0]].value())
+    else:
+        found = message_id or new_message_id(policy.helo_name)
+        added.append(f"Message-ID: {found}")
     prefix = "".join(f"{line}\r\n" for line in added).encode("utf-8", "surrogateescape")
-    return prefix + b"".join(field.raw for field in fields)
+    return CheckedHeader(prefix + b"".join(field.raw for field in fields), found)
 
 
 def new_message_id(domain: str) -> str:

@@ -289,17 +289,10 @@ class Listeners:
 
 
 async def start_listeners(
-    config: Config,
-    handler: InboundHandler,
-    bound: Sequence[BoundListener] | None = None,
-    *,
-    owns_paths: bool = True,
+    handler: InboundHandler, bound: Sequence[BoundListener], *, owns_paths: bool = True
 ) -> Listeners:
-    """Serve every ``listen:`` entry, on ``bound`` sockets (from ``bind_listeners``) or on
-    sockets bound here. If any cannot be served (bad certificate), those already serving are
-    closed and the error is raised."""
-    if bound is None:
-        bound = bind_listeners(config.listeners)
+    """Serve the ``bound`` sockets (from ``bind_listeners``). If any cannot be served (bad
+    certificate), those already serving are closed and the error is raised."""
     listeners = Listeners(handler, owns_paths=owns_paths)
     try:
         for entry in bound:

@@ -30,13 +30,8 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 from relayd.config.model import AuthPolicy, ListenerConfig
 from relayd.core.routing import UnixUser
 from relayd.inbound.data import HEADER_TOO_LARGE_REPLY, DataDecoder, HeaderSection
-from relayd.inbound.handler import (
-    InboundHandler,
-    MessageSink,
-    RelaySession,
-    Transaction,
-    hook_names,
-)
+from relayd.inbound.handler import InboundHandler, RelaySession, Transaction, hook_names
+from relayd.inbound.submission import INTERNAL_REPLY, STORAGE_REPLY, MessageSink
 from relayd.unixsocket import peer_user
 
 __all__ = [
@@ -67,8 +62,6 @@ class _RedactUnknownCommand(logging.Filter):
 
 _AIOSMTPD_LOG.addFilter(_RedactUnknownCommand())
 
-STORAGE_REPLY = "452 4.3.1 Insufficient system storage"
-INTERNAL_REPLY = "451 4.3.0 Internal error"
 # A DATA read takes up to this much at once when no line boundary is near (the reader's
 # limit is aiosmtpd's 1001-byte line length for commands).
 DATA_READ_LIMIT = 1 << 18

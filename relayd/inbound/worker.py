@@ -3,7 +3,7 @@
 It does what the SPEC's "SMTP towards clients" asks and nothing else: it routes and checks
 each transaction, writes the message to the shared spool (group commit, ``250`` only once
 the file and its directory are fsync'd) and announces the queue id to the main process,
-which alone schedules delivery (``relayd.spool.arrivals``). Like Postfix's smtpd beside one
+which alone schedules delivery (``relayd.queue.arrivals``). Like Postfix's smtpd beside one
 qmgr.
 
 It lives as long as the main process: it is told to stop with SIGTERM (listeners closed,
@@ -35,7 +35,7 @@ from relayd.config.model import Config
 from relayd.inbound.handler import InboundHandler, local_hostnames
 from relayd.inbound.listeners import BoundListener, start_listeners
 from relayd.log import configure_logging, redactor
-from relayd.spool.arrivals import Announcer
+from relayd.queue.arrivals import Announcer
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
@@ -130,11 +130,10 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
     handler = InboundHandler(
         config=config,
         spool=spool,
-        on_queued=announcer.announce,  # not used: ``announce`` takes its place, with the account
-        announce=announcer.announce,
+        on_queued=announcer.announce,  # with the account: the scheduler need not read the file
         local_hostnames=local_hostnames(config),
     )
-    listeners = await start_listeners(config, handler, channels.bound, owns_paths=False)
+    listeners = await start_listeners(handler, channels.bound, owns_paths=False)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

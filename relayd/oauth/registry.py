@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from relayd.config.model import AccountConfig, OAuthConfig
+from relayd.config.model import AccountConfig, Config, OAuthConfig
 from relayd.log import redactor
 from relayd.metrics import TOKEN_REFRESHES
 from relayd.oauth.store import StoredTokens, TokenStore, TokenStoreError
@@ -39,7 +39,13 @@ from relayd.oauth.tokens import (
     needs_refresh,
 )
 
-__all__ = ["TokenProvider", "TokenSources", "config_seed_id", "provider_for"]
+__all__ = [
+    "TokenProvider",
+    "TokenSources",
+    "config_seed_id",
+    "provider_for",
+    "token_sources_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +262,11 @@ class TokenSources:
             return "unreadable"
         return record.consent_id if record is not None else ""
 
+    def use_store(self, store: TokenStore) -> None:
+        """Another store (``tokens.key`` changed at a reload): nothing cached is kept."""
+        self.store = store
+        self.forget()
+
     def forget(self) -> None:
         """The store changed under us (`relayd auth`): read it again on the next request."""
         self._records.clear()
@@ -272,3 +283,8 @@ class TokenSources:
             provider = self._shared.setdefault((built.key, digest), built)
             self._providers[ident] = provider
         return provider
+
+
+def token_sources_for(config: Config, *, fsync: bool = True) -> TokenSources:
+    """The token sources of ``config``'s state directory and ``tokens.key``."""
+    return TokenSources(TokenStore(config.state_directory, key=config.tokens_key, fsync=fsync))

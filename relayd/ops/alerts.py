@@ -141,14 +141,14 @@ class Alerter:
         self,
         config: Config,
         spool: Spool,
-        submit: Callable[[str], None],
+        enqueue: Callable[[str, str | None], None],
         *,
         clock: Callable[[], float] = time.time,
         post: Callable[[str, dict[str, Any]], int] = post_json,
     ) -> None:
         self.config = config
         self.spool = spool
-        self.submit = submit
+        self.enqueue = enqueue  # hands a spooled alert email to the scheduler
         self.clock = clock
         self.post = post
         self.book = IncidentBook(config.state_directory / "alerts.json")
@@ -271,7 +271,7 @@ class Alerter:
             raise
         queue_id = await reception.commit()
         log.info("alert email to <%s> queued", to, extra={"queue_id": queue_id})
-        self.submit(queue_id)
+        self.enqueue(queue_id, envelope.account)
 
     async def _webhook(self, alert: Alert, url: str, now: float) -> None:
         payload = {

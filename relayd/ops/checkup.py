@@ -28,8 +28,13 @@ import aiosmtplib
 from relayd.config import load_for_command
 from relayd.config.model import AccountConfig, Config, TlsMode
 from relayd.core.routing import find_account
+from relayd.oauth.registry import token_sources_for
 from relayd.ops.hints import hint_for
-from relayd.upstream.transport import AttemptError, tls_context_for
+from relayd.tls import client_context
+from relayd.upstream.credentials import AccountCredentials
+from relayd.upstream.dataphase import BytesContent
+from relayd.upstream.delivery import UpstreamDeliverer
+from relayd.upstream.transport import AttemptError
 
 __all__ = ["DOTS", "add_test_arguments", "cmd_test", "run_checkup"]
 
@@ -101,7 +106,7 @@ async def probe(
     except (OSError, TimeoutError) as exc:
         return Probe(False, "TCP", f"cannot connect to {host}:{port}: {exc or 'timed out'}")
     ok("TCP", f"{host}:{port} connected in {(time.monotonic() - started) * 1000:.0f} ms")
-    context = tls_context_for(ca_file) if tls is not TlsMode.NONE else None
+    context = client_context(ca_file) if tls is not TlsMode.NONE else None
     smtp = aiosmtplib.SMTP(
         hostname=host,
         port=port,
@@ -187,10 +192,11 @@ def _test_message(account: AccountConfig, to: str, helo: str) -> bytes:
 async def _smtp_login_and_send(
     config: Config, account: AccountConfig, send_to: str | None, report: Report
 ) -> None:
-    from relayd.daemon import Daemon  # the daemon's own wiring: the same credentials code
-
-    daemon = Daemon(config)
-    session = daemon.deliverer.new_session(account)
+    # The daemon's own credentials code: the app password, or the stored OAuth tokens.
+    deliverer = UpstreamDeliverer(
+        helo_name=config.helo_name, credentials=AccountCredentials(token_sources_for(config))
+    )
+    session = deliverer.new_transport(account)
     try:
         await session.open()
     except AttemptError as err:
@@ -199,9 +205,8 @@ async def _smtp_login_and_send(
     report.ok("login", f"as {account.username}")
     try:
         if send_to:
-            result = await session.send(
-                account.address, (send_to,), _test_message(account, send_to, config.helo_name)
-            )
+            message = _test_message(account, send_to, config.helo_name)
+            result = await session.send(account.address, (send_to,), BytesContent(message))
             _phase, reply = result.replies[send_to]
             if reply.code == 250:
                 report.ok("send", f"test message to <{send_to}>: {reply}")
@@ -223,13 +228,10 @@ async def _imap(config: Config, account: AccountConfig, report: Report) -> None:
 
     token_source = None
     if account.oauth is not None and (imap.password is None and account.password is None):
-        from relayd.daemon import Daemon
+        tokens = token_sources_for(config)
 
-        tokens = getattr(Daemon(config), "tokens", None)
-        if tokens is not None:
-
-            async def token_source(acc: AccountConfig) -> str:
-                return str((await tokens.access_token(acc)).value)
+        async def token_source(acc: AccountConfig) -> str:
+            return (await tokens.access_token(acc)).value
 
     session = ImapSession(account, token_source=token_source)
     try:

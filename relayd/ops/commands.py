@@ -20,10 +20,11 @@ from typing import Any
 from relayd.config import load_for_command
 from relayd.config.model import Config
 from relayd.ops.control import ControlError, DaemonNotRunning, call_daemon
-from relayd.ops.events import is_operator_hold, set_operator_hold
 from relayd.ops.spoolview import QueueEntry, entries, find_entry
 from relayd.ops.status import gather, render_table
-from relayd.spool.accounts import AccountStore
+from relayd.queue import commands
+from relayd.queue.commands import CommandError, StoppedQueue
+from relayd.spool.accounts import AccountStore, HealthBook
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
@@ -145,9 +146,9 @@ def _print_list(found: list[QueueEntry], as_json: bool) -> None:
         return
     for e in found:
         data = e.to_dict()
-        hold = " (held by operator)" if e.state.extra.get("operator_hold") else ""
+        hold = " (held by operator)" if e.state.operator_hold else ""
         print(
-            f"{e.queue_id}  {e.queue:<8} {e.size:>9}  {_when(e.envelope.received_at)}  "
+            f"{e.queue_id}  {e.queue.value:<8} {e.size:>9}  {_when(e.envelope.received_at)}  "
             f"{e.envelope.sender or '<>'} via {e.envelope.account}{hold}"
         )
         for rcpt in data["recipients"]:
@@ -241,57 +242,43 @@ def _offline(
 ) -> int:
     """The same commands on the spool directly: the daemon is not running."""
     note = "relayd is not running: changed the spool directly"
-    if action == "flush":
-        found = entries(spool, ("deferred",), account)
-        if queue_id:
-            found = [e for e in found if e.queue_id == queue_id]
-        for e in found:
-            spool.move(e.queue_id, "deferred", "incoming")
-        print(f"{note}; {len(found)} deferred messages are tried first when it starts")
-        return EXIT_OK
-    if action == "release" and queue_id is None and account is not None:
-        return _release_account_offline(config, spool, account.lower(), note)
-    assert queue_id is not None
-    queue = spool.locate(queue_id)
-    if queue is None:
-        print(f"error: {queue_id}: no such message", file=sys.stderr)
+    view = StoppedQueue(spool)
+    book = HealthBook(AccountStore(config.state_directory))
+    book.store.prepare()
+    book.load()
+    try:
+        if action == "flush":
+            moved = commands.flush(view, book, queue_id=queue_id, account=account)
+            print(f"{note}; {moved} deferred messages are tried first when it starts")
+            return EXIT_OK
+        if action == "release" and queue_id is None and account is not None:
+            address = account.lower()
+            if not any(a.address == address for a in config.accounts()):
+                print(f"error: {address}: not a configured account", file=sys.stderr)
+                return EXIT_FAILED
+            released = commands.release_account(view, book, address)
+            print(
+                f"{note}; {address} released (was {released.before.state.value}); "
+                f"{released.moved} held messages are delivered when it starts"
+            )
+            return EXIT_OK
+        assert queue_id is not None
+        if action == "hold":
+            commands.hold(view, queue_id)
+        elif action == "release":
+            commands.release(view, queue_id)
+        elif action == "delete":
+            commands.delete(view, queue_id)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if action == "hold":
-        if queue != "hold":
-            set_operator_hold(spool, queue_id, True)
-            _adopt(config, spool.root / "state" / f"{queue_id}.json")
-            spool.move(queue_id, queue, "hold")
-    elif action == "release":
-        if queue != "hold":
-            print(f"error: {queue_id}: not held", file=sys.stderr)
-            return EXIT_FAILED
-        set_operator_hold(spool, queue_id, False)
-        spool.move(queue_id, "hold", "incoming")
-    elif action == "delete":
-        spool.remove(queue_id, queue)
+    finally:
+        # Files written by root for a daemon that runs as relayd must stay readable to it.
+        for path in book.store.root.glob("*.json"):
+            _adopt(config, path)
+        if queue_id is not None:
+            _adopt(config, spool.state_path(queue_id))
     print(f"{note}; {action}: {queue_id}")
-    return EXIT_OK
-
-
-def _release_account_offline(config: Config, spool: Spool, address: str, note: str) -> int:
-    if not any(a.address == address for a in config.accounts()):
-        print(f"error: {address}: not a configured account", file=sys.stderr)
-        return EXIT_FAILED
-    store = AccountStore(config.state_directory)
-    store.prepare()
-    health = store.load(address)
-    store.save(health.on_released())
-    for path in store.root.glob("*.json"):
-        _adopt(config, path)
-    moved = 0
-    for e in entries(spool, ("hold",), address):
-        if not is_operator_hold(spool, e.queue_id):
-            spool.move(e.queue_id, "hold", "incoming")
-            moved += 1
-    print(
-        f"{note}; {address} released (was {health.state.value}); {moved} held messages "
-        "are delivered when it starts"
-    )
     return EXIT_OK
 
 

@@ -3,7 +3,7 @@ Symfony and Nagios expect (SPEC "Commands"), with sendmail's exit codes (sysexit
 
 The message goes to the running daemon over ``<state>/submit.sock`` — SMTP on a unix socket,
 where the daemon learns the caller's uid from the kernel (SO_PEERCRED) — or, when the daemon
-is down, into ``<state>/maildrop/`` (``relayd.ops.maildrop``). This program reads no secret
+is down, into ``<state>/maildrop/`` (``relayd.inbound.maildrop``). This program reads no secret
 and needs no read access to the config: only its ``state_directory``.
 """
 
@@ -24,7 +24,7 @@ from typing import BinaryIO
 import yaml
 
 from relayd.config.loader import DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIRECTORY
-from relayd.ops.maildrop import Drop, maildrop_path, write_drop
+from relayd.inbound.maildrop import Drop, maildrop_path, write_drop
 
 __all__ = ["SendmailArgs", "UsageError", "main", "parse_args", "prepare_message", "run"]
 

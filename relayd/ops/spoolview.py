@@ -15,19 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.queues import WAITING, Queue
 from relayd.errors import SpoolError
-from relayd.spool.store import QUEUES, Spool
+from relayd.spool.store import Spool
 
-__all__ = ["WAITING", "QueueCensus", "QueueEntry", "entries", "find_entry", "spool_bytes"]
-
-# Where a message waits for delivery (corrupt/ holds what will never be sent).
-WAITING = ("incoming", "active", "deferred", "hold")
+__all__ = ["QueueCensus", "QueueEntry", "entries", "find_entry", "spool_bytes"]
 
 
 @dataclass(frozen=True)
 class QueueEntry:
     queue_id: str
-    queue: str
+    queue: Queue
     envelope: Envelope
     state: DeliveryState
     size: int
@@ -36,7 +34,7 @@ class QueueEntry:
         env, state = self.envelope, self.state
         return {
             "id": self.queue_id,
-            "queue": self.queue,
+            "queue": self.queue.value,
             "account": env.account,
             "tenant": env.tenant,
             "client": env.client,
@@ -54,7 +52,7 @@ class QueueEntry:
         }
 
 
-def _entry(spool: Spool, queue_id: str, queue: str) -> QueueEntry | None:
+def _entry(spool: Spool, queue_id: str, queue: Queue) -> QueueEntry | None:
     try:
         msg = spool.load(queue_id, queue)
     except (SpoolError, OSError):
@@ -63,11 +61,11 @@ def _entry(spool: Spool, queue_id: str, queue: str) -> QueueEntry | None:
 
 
 def entries(
-    spool: Spool, queues: tuple[str, ...] = WAITING, account: str | None = None
+    spool: Spool, queues: tuple[Queue, ...] = WAITING, account: str | None = None
 ) -> list[QueueEntry]:
     found: list[QueueEntry] = []
     for queue in queues:
-        directory = spool.root / queue
+        directory = spool.directory(queue)
         if not directory.is_dir():
             continue
         for name in sorted(os.listdir(directory)):
@@ -81,7 +79,7 @@ def entries(
 
 
 def find_entry(spool: Spool, queue_id: str) -> QueueEntry | None:
-    queue = spool.locate(queue_id) if (spool.root / "incoming").is_dir() else None
+    queue = spool.locate(queue_id) if spool.directory(Queue.INCOMING).is_dir() else None
     return _entry(spool, queue_id, queue) if queue is not None else None
 
 
@@ -102,11 +100,11 @@ class QueueCensus:
         self.spool = spool
         self._account_of: dict[str, str] = {}
 
-    def count(self) -> dict[tuple[str, str], int]:
-        result: dict[tuple[str, str], int] = {}
+    def count(self) -> dict[tuple[Queue, str], int]:
+        result: dict[tuple[Queue, str], int] = {}
         seen: set[str] = set()
-        for queue in QUEUES:
-            directory = self.spool.root / queue
+        for queue in Queue:
+            directory = self.spool.directory(queue)
             try:
                 names = os.listdir(directory)
             except OSError:

@@ -16,9 +16,10 @@ from typing import Any
 from relayd import __version__
 from relayd.config.model import AccountConfig, Config
 from relayd.core.health import AccountHealth, AccountState
-from relayd.core.sentcopy import FILING_KEY
+from relayd.core.queues import WAITING, Queue
+from relayd.core.sentcopy import awaits_filing
 from relayd.ops.hints import hint_for
-from relayd.ops.spoolview import WAITING, spool_bytes
+from relayd.ops.spoolview import spool_bytes
 from relayd.spool.accounts import AccountStore
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
@@ -116,30 +117,29 @@ def _scan_spool(spool: Spool) -> tuple[dict[str, int], dict[str, int], dict[str,
 
     A message whose delivery state carries a filing job (relayd.core.sentcopy) was delivered
     and only waits for its Sent copy, in whichever queue the Sent-copy step keeps it."""
-    queues = {q: n for q, n in spool.counts().items()}
+    counts = spool.counts()
     queued: dict[str, int] = {}
     backlog: dict[str, int] = {}
-    for queue in queues:
-        if queue == "corrupt":
+    for queue in counts:
+        if queue is Queue.CORRUPT:
             continue
-        directory = spool.root / queue
-        for name in os.listdir(directory):
+        for name in os.listdir(spool.directory(queue)):
             try:
                 envelope = spool.load(name, queue).envelope
             except OSError:  # moved on meanwhile, or unreadable: not this report's business
                 continue
             state = spool.read_state(name)
-            target = backlog if FILING_KEY in state.extra else queued
+            target = backlog if awaits_filing(state) else queued
             if target is queued and queue not in WAITING:
                 continue
             target[envelope.account] = target.get(envelope.account, 0) + 1
-    return queues, queued, backlog
+    return {q.value: n for q, n in counts.items()}, queued, backlog
 
 
 def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
     """The report; ``live`` is the daemon's answer to ``status``, None when it is not running."""
     spool = Spool(config.state_directory, fsync=False, key=spool_key(config.spool))
-    if (spool.root / "incoming").is_dir():
+    if spool.directory(Queue.INCOMING).is_dir():
         queues, queued, backlog = _scan_spool(spool)
     else:
         queues, queued, backlog = {}, {}, {}
@@ -165,7 +165,7 @@ def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
         running=live is not None,
         pid=(live or {}).get("pid"),
         uptime=(live or {}).get("uptime"),
-        spool_messages=sum(n for q, n in queues.items() if q != "corrupt"),
+        spool_messages=sum(n for q, n in queues.items() if q != Queue.CORRUPT.value),
         spool_bytes=spool_bytes(spool.root) if spool.root.is_dir() else 0,
         queues=queues,
         accounts=accounts,
@@ -216,8 +216,8 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
         )
     else:
         head = f"relayd {report.version}: not running"
-    held = report.queues.get("hold", 0)
-    deferred = report.queues.get("deferred", 0)
+    held = report.queues.get(Queue.HOLD.value, 0)
+    deferred = report.queues.get(Queue.DEFERRED.value, 0)
     lines = [
         head,
         f"spool: {report.spool_messages} messages ({deferred} deferred, {held} held), "

@@ -10,41 +10,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from relayd.config.model import AccountConfig
 from relayd.core.health import AccountHealth
 
-__all__ = ["HEALTH_SAVE_SECONDS", "AccountStore", "HealthBook", "credentials_fingerprint"]
+__all__ = ["HEALTH_SAVE_SECONDS", "AccountStore", "HealthBook"]
 
 # An account's health is written at once when its state changes; a success that only moves
 # ``last_success_at`` is written at most this often (it is shown by `relayd status`).
 HEALTH_SAVE_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
-
-
-def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
-    """Changes when the configured credentials change; reveals nothing usable about them.
-
-    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
-    changes it (and resumes a paused account), a routine token rotation does not.
-    """
-    h = hashlib.sha256(b"relayd-credentials\0")
-    h.update(account.username.encode())
-    if account.password is not None:
-        h.update(b"\0password\0" + account.password.reveal().encode())
-    if account.oauth is not None:
-        h.update(b"\0oauth\0" + repr(account.oauth).encode())
-        # repr() hides secret values: a new client secret or refresh token must count too.
-        for secret in (
-            account.oauth.client_secret,
-            account.oauth.certificate,
-            account.oauth.service_account_key,
-            account.oauth.refresh_token,
-        ):
-            if secret is not None:
-                h.update(b"\0" + secret.reveal().encode())
-        h.update(b"\0consent\0" + consent.encode())
-    return h.hexdigest()[:24]
 
 
 def _file_name(address: str) -> str:

@@ -1,52 +1,34 @@
 """Receiving into the spool: a message's file in ``tmp/``, then the group commit into
 ``incoming/`` (file fsync, rename, directory fsync) that must finish before the 250.
 
-Commits from concurrent connections are batched by ``GroupCommitter``; an accepting process
-also keeps a few ``SpareFiles`` created ahead, so that creating a file (an inode allocation,
-slow on a busy file system) is not in the time a client waits for its 250.
+A reception is written to ``tmp/``, fsync'd, renamed into ``incoming/`` and the directory
+fsync'd before the SMTP server may answer 250 (RFC 5321 §6.1). Commits from concurrent
+connections are batched by ``GroupCommitter``: N concurrent connections cost about one
+directory fsync, not N. An accepting process also keeps a few spare files created ahead
+(``relayd.spool.spares``), so that creating a file (an inode allocation, slow on a busy
+file system) is not in the time a client waits for its 250.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from relayd.core.envelope import Envelope
 from relayd.errors import SpoolError
-from relayd.spool.sealing import SegmentSealer
+from relayd.spool.fileformat import head, trailer
+from relayd.spool.sealing import SegmentSealer, SpoolKey
 
-if TYPE_CHECKING:
-    from relayd.spool.store import Spool
-
-__all__ = [
-    "MAGIC",
-    "SEALED_MAGIC",
-    "SPILL_BYTES",
-    "GroupCommitter",
-    "Reception",
-    "SpareFiles",
-    "fsync_dir",
-    "trailer",
-]
+__all__ = ["SPILL_BYTES", "GroupCommitter", "Reception", "fsync_dir"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"RELAYD1 "
-# A file sealed with spool.key (relayd.spool.sealing): the header is the salt and the sealed
-# envelope, the content is sealed segments, the trailer counts the bytes as stored.
-SEALED_MAGIC = b"RELAYD1S "
-TRAILER_PREFIX = b"\r\nRELAYD-END "
-TRAILER_LEN = len(TRAILER_PREFIX) + 16 + 2  # 16 hex digits of content length + CRLF
-
-# How often an accepting process may look in an empty free/ for files to reuse.
-FREE_LIST_SECONDS = 0.05
 # A commit batch slower than this moves the next ones off the event loop for a while.
 SLOW_BATCH_SECONDS = 0.02
 SLOW_DISK_SECONDS = 60.0
@@ -54,7 +36,7 @@ SLOW_DISK_SECONDS = 60.0
 SPILL_BYTES = 1 << 18
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -74,28 +56,33 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
             views[0] = views[0][written:]
 
 
-def trailer(length: int) -> bytes:
-    return TRAILER_PREFIX + f"{length:016X}".encode() + b"\r\n"
-
-
 class Reception:
     """A message being received: write its content, then ``await commit()`` or ``abort()``.
 
     The file is created in ``tmp/`` at once (the queue id is reserved and a spool that cannot
     take a file fails before DATA is read), but content is kept in memory up to
-    ``SPILL_BYTES`` and written with one ``writev`` by the committer's thread: a typical
-    message costs one write system call, made off the event loop. Bigger messages spill to
-    the file as they arrive, so memory stays bounded whatever the size.
+    ``SPILL_BYTES`` and written with one ``writev`` by the committer: a typical message
+    costs one write system call. Bigger messages spill to the file as they arrive, so memory
+    stays bounded whatever the size.
+
+    ``spare``: an open file made ahead (``SpareFiles.take``) and whether it still holds an
+    old message; ``key``: seals the envelope and the content when it seals new files.
     """
 
-    def __init__(self, spool: Spool, envelope: Envelope) -> None:
-        self.spool = spool
+    def __init__(
+        self,
+        envelope: Envelope,
+        tmp_path: Path,
+        committer: GroupCommitter,
+        *,
+        key: SpoolKey | None = None,
+        spare: tuple[int, bool] | None = None,
+    ) -> None:
         self.envelope = envelope
         self.queue_id = envelope.queue_id
+        self.tmp_path = tmp_path
+        self.committer = committer
         self.length = 0
-        self._file: BinaryIO | None = None
-        self.tmp_path = spool.root / "tmp" / self.queue_id
-        spare = spool.spares.take(self.tmp_path) if spool.spares is not None else None
         # A reused file still holds an old message: it is overwritten from its start and cut
         # to this one's length before it is synced, so no byte of the old one survives.
         self._reused = spare is not None and spare[1]
@@ -103,23 +90,23 @@ class Reception:
         if spare is not None:
             fd = spare[0]
         else:
-            fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         # Unbuffered: the buffering is ``_pending``, written with writev.
-        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
         header = envelope.to_json()
-        magic = MAGIC
         self._sealer: SegmentSealer | None = None
-        key = spool.key
         if key is not None and key.seal_new:
             salt, cipher = key.new_file(self.queue_id)
             header = salt + cipher.seal_envelope(header)
             self._sealer = cipher.sealer()
-            magic = SEALED_MAGIC
-        self._pending: list[bytes] = [
-            magic + f"{len(header)}".encode() + b"\r\n" + header + b"\r\n"
-        ]
+        self._pending: list[bytes] = [head(header, sealed=self._sealer is not None)]
         self._pending_size = len(self._pending[0])
         self._stored = 0  # content bytes as they go to the file (sealed, when sealing)
+
+    @property
+    def is_open(self) -> bool:
+        """Still being written: neither committed nor aborted."""
+        return self._file is not None
 
     def write(self, chunk: bytes) -> None:
         """Append content; an OSError here (disk full) means the caller must abort."""
@@ -147,12 +134,8 @@ class Reception:
         self._pending = []
         self._pending_size = 0
 
-    def finish_file(self) -> None:
-        """Write what is pending and the trailer, fsync and close; called from the
-        committer's thread."""
-        self.close_file(sync=True)
-
-    def close_file(self, *, sync: bool) -> None:
+    def finish_file(self, *, sync: bool = True) -> None:
+        """Write what is pending and the trailer, fsync (unless told not to) and close."""
         assert self._file is not None
         if self._sealer is not None:
             self._store(self._sealer.finish())
@@ -178,7 +161,7 @@ class Reception:
         waiting sessions have had their turn, so whatever it does (a log line, telling the
         scheduler) is not in the time a client waits for its 250.
         """
-        return self.spool.committer.submit(self, on_durable)
+        return self.committer.submit(self, on_durable)
 
     async def commit(self) -> str:
         """Make the message durable in ``incoming/``; returns the queue id. Raises SpoolError."""
@@ -190,6 +173,19 @@ class Reception:
             self.abort()
             raise
         return self.queue_id
+
+    def commit_into(self, directory: Path, *, fsync: bool = True) -> None:
+        """Blocking: make the message durable in ``directory`` (a queue other than
+        ``incoming/``, such as ``copy/`` for a DSN); aborted on failure. For relayd's own
+        small messages, from a worker thread."""
+        try:
+            self.finish_file(sync=fsync)
+            os.rename(self.tmp_path, directory / self.queue_id)
+            if fsync:
+                fsync_dir(directory)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         self._pending = []
@@ -205,9 +201,8 @@ class Reception:
 class GroupCommitter:
     """Batches the fsyncs of receptions that finish at about the same time.
 
-    While one batch is being synced, new commits queue up; the next batch takes them all, so
-    N concurrent connections cost about one directory fsync, not N. No reception is
-    acknowledged before its own file and the directory entry are durable.
+    While one batch is being synced, new commits queue up; the next batch takes them all. No
+    reception is acknowledged before its own file and the directory entry are durable.
 
     Where the batch is synced: in a worker thread by default. With ``in_loop`` (the
     accepting processes, which do nothing else) it is synced on the event loop itself while
@@ -215,14 +210,26 @@ class GroupCommitter:
     takes (futex wake-ups, GIL hand-overs; measured: a quarter of an accepting process's
     time per message). A batch that takes longer than ``SLOW_BATCH_SECONDS`` sends the next
     ones to the thread for ``SLOW_DISK_SECONDS``, so a slow disk never stalls every session.
+
+    ``after_batch`` runs once a batch's sessions have been woken (refilling spare files).
     """
 
-    def __init__(self, spool: Spool, *, in_loop: bool = False) -> None:
-        self.spool = spool
+    def __init__(
+        self,
+        incoming: Path,
+        *,
+        fsync: bool = True,
+        in_loop: bool = False,
+        after_batch: Callable[[], None] | None = None,
+    ) -> None:
+        self.incoming = incoming
+        self.fsync = fsync
         self.in_loop = in_loop
+        self.after_batch = after_batch
+        self._prefix = f"{incoming}/"
         self._pending: list[tuple[Reception, asyncio.Future[None], Callable[[], None] | None]] = []
         self._running = False
-        self._drainer: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None  # referenced while it runs
         self._threaded_until = 0.0  # monotonic time; the disk was slow: use the thread
         self._incoming_fd: int | None = None
 
@@ -236,9 +243,6 @@ class GroupCommitter:
             self._running = True
             self._drainer = loop.create_task(self._drain())
         return done
-
-    async def commit(self, reception: Reception) -> None:
-        await self.submit(reception)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -283,31 +287,27 @@ class GroupCommitter:
                 for (_, _, on_durable), result in zip(batch, results, strict=True):
                     if result is None and on_durable is not None:
                         loop.call_soon(on_durable)
-                if self.spool.spares is not None:
-                    loop.call_soon(self.spool.spares.refill)
+                if self.after_batch is not None:
+                    loop.call_soon(self.after_batch)
         finally:
             self._running = False
 
     def _sync_batch(self, receptions: list[Reception]) -> list[Exception | None]:
         results: list[Exception | None] = []
-        incoming = f"{self.spool.root}/incoming/"
         moved: list[str] = []
         for reception in receptions:
-            if reception._file is None:
+            if not reception.is_open:
                 results.append(SpoolError(f"{reception.queue_id}: reception was aborted"))
                 continue
             try:
-                if self.spool.fsync:
-                    reception.finish_file()
-                else:
-                    reception.close_file(sync=False)
-                os.rename(reception.tmp_path, incoming + reception.queue_id)
+                reception.finish_file(sync=self.fsync)
+                os.rename(reception.tmp_path, self._prefix + reception.queue_id)
                 moved.append(reception.queue_id)
                 results.append(None)
             except OSError as exc:
                 reception.abort()
                 results.append(SpoolError(f"{reception.queue_id}: cannot commit: {exc.strerror}"))
-        if moved and self.spool.fsync:
+        if moved and self.fsync:
             try:
                 self._fsync_incoming()
             except OSError as exc:
@@ -315,113 +315,17 @@ class GroupCommitter:
                 # hear 452, or a message they will resend would also go out from here.
                 for queue_id in moved:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(incoming + queue_id)
+                        os.unlink(self._prefix + queue_id)
                 err = SpoolError(f"cannot sync spool directory: {exc.strerror}")
                 results = [err if r is None else r for r in results]
         return results
 
     def _fsync_incoming(self) -> None:
         if not self.in_loop:
-            fsync_dir(self.spool.root / "incoming")
+            fsync_dir(self.incoming)
             return
         # A process that commits all day keeps the directory open (two system calls fewer
         # per batch); it is never closed before the process ends.
         if self._incoming_fd is None:
-            self._incoming_fd = os.open(self.spool.root / "incoming", os.O_RDONLY | os.O_DIRECTORY)
+            self._incoming_fd = os.open(self.incoming, os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(self._incoming_fd)
-
-
-def _share_of(name: str, count: int) -> int:
-    try:
-        return int(name[-2:], 16) % count
-    except ValueError:
-        return -1  # not a queue id: nobody's
-
-
-class SpareFiles:
-    """Files ready ahead of need for the receptions of an accepting process.
-
-    A reception renames a spare to its ``tmp/`` name (a rename allocates nothing), and the
-    pool is refilled after the commit batch has answered its clients, so no client waits
-    for a file. A spare is the file of a delivered message from ``free/`` when there is one
-    (``Spool.retire``; overwritten and cut to length by the reception), else a new empty
-    file in ``spare/``: creating a file allocates an inode, which ext4 without a journal
-    makes slow when many were freed lately. Spares are removed at start
-    (``Spool.recover``).
-    """
-
-    def __init__(
-        self, directory: Path, free: Path, size: int = 4, share: tuple[int, int] = (0, 1)
-    ) -> None:
-        self.directory = directory
-        self.free = free
-        self.size = size
-        # (this process's number, how many): each takes its own share of free/ first, by the
-        # last hex digits of the names, so that busy processes seldom race for a file.
-        self.share = share
-        self._ready: collections.deque[tuple[int, Path, bool]] = collections.deque()
-        self._count = 0  # spare names: pid and counter, unique in spare/
-        self._candidates: list[str] = []  # seen in free/; another process may take them first
-        self._free_listed = 0.0
-
-    def take(self, path: Path) -> tuple[int, bool] | None:
-        """(descriptor, whether it holds an old message) of a spare file renamed to
-        ``path`` (which must not exist), open for writing; None when there is none left."""
-        while self._ready:
-            fd, spare, reused = self._ready.popleft()
-            try:
-                os.rename(spare, path)
-            except OSError:  # removed meanwhile: try the next one
-                os.close(fd)
-                continue
-            return fd, reused
-        return None
-
-    def refill(self) -> None:
-        while len(self._ready) < self.size:
-            self._count += 1
-            path = self.directory / f"{os.getpid()}-{self._count}"
-            try:
-                fd = self._reuse(path)
-                reused = fd is not None
-                if fd is None:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except OSError as exc:  # a full disk, say: receptions create their own files
-                log.debug("cannot make a spare spool file: %s", exc)
-                return
-            self._ready.append((fd, path, reused))
-
-    def _reuse(self, path: Path) -> int | None:
-        """A file from ``free/``, moved to ``path`` and open for writing; None if none."""
-        while True:
-            if not self._candidates:
-                now = time.monotonic()
-                if now - self._free_listed < FREE_LIST_SECONDS:
-                    return None  # free/ was empty a moment ago
-                self._free_listed = now
-                index, count = self.share
-                mine: list[str] = []
-                others: list[str] = []
-                for name in os.listdir(self.free):
-                    (mine if _share_of(name, count) == index else others).append(name)
-                # Its own share first (taken from the end); then the others' files, which a
-                # lone busy process needs: otherwise free/ fills with files it may not take,
-                # the scheduler deletes every file it frees and this process creates every
-                # file it uses, two of the dearest system calls on ext4. A file another
-                # process took first fails the rename and is skipped.
-                self._candidates = others + mine
-                if not self._candidates:
-                    return None
-            name = self._candidates.pop()
-            try:
-                os.rename(self.free / name, path)
-            except FileNotFoundError:
-                continue  # taken by another accepting process
-            return os.open(path, os.O_WRONLY)
-
-    def close(self) -> None:
-        while self._ready:
-            fd, path, _ = self._ready.popleft()
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()

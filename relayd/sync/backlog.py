@@ -12,21 +12,22 @@ Every state change is an atomic write or a rename, like the rest of the spool.
 from __future__ import annotations
 
 import contextlib
-import os
 
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.queues import Queue
 from relayd.core.sentcopy import FilingJob, Folder, with_job
 from relayd.spool.store import Spool
 
-__all__ = ["FILING_QUEUE", "add_dsn", "enter_from_active", "return_to_delivery"]
-
-FILING_QUEUE = "copy"
+__all__ = ["add_dsn", "enter_from_active", "return_to_delivery"]
 
 
-def enter_from_active(spool: Spool, queue_id: str, state: DeliveryState) -> None:
-    """A delivered message waits for its Sent copy (state first, then the rename)."""
-    spool.write_state(queue_id, with_job(state, FilingJob(Folder.SENT)))
-    spool.move(queue_id, "active", FILING_QUEUE)
+def enter_from_active(spool: Spool, queue_id: str, state: DeliveryState) -> DeliveryState:
+    """A delivered message waits for its Sent copy (state first, then the rename); the
+    state it has now."""
+    waiting = with_job(state, FilingJob(Folder.SENT))
+    spool.write_state(queue_id, waiting)
+    spool.move(queue_id, Queue.ACTIVE, Queue.COPY)
+    return waiting
 
 
 def add_dsn(spool: Spool, envelope: Envelope, content: bytes, now: float) -> None:
@@ -40,18 +41,11 @@ def add_dsn(spool: Spool, envelope: Envelope, content: bytes, now: float) -> Non
     reception = spool.receive(envelope)
     try:
         reception.write(content)
-        reception.finish_file()  # trailer + fsync of the file
-        os.rename(reception.tmp_path, spool.root / FILING_QUEUE / queue_id)
+        reception.commit_into(spool.directory(Queue.COPY), fsync=spool.fsync)
     except BaseException:
         reception.abort()
-        spool.remove(queue_id, FILING_QUEUE)
+        spool.remove(queue_id, Queue.COPY)
         raise
-    if spool.fsync:
-        fd = os.open(spool.root / FILING_QUEUE, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def return_to_delivery(spool: Spool, queue_id: str) -> None:
@@ -60,4 +54,4 @@ def return_to_delivery(spool: Spool, queue_id: str) -> None:
     a DSN in ``copy/`` without a job, which the filing stage sends on the same way."""
     spool.write_state(queue_id, DeliveryState())
     with contextlib.suppress(FileNotFoundError):
-        spool.move(queue_id, FILING_QUEUE, "incoming")
+        spool.move(queue_id, Queue.COPY, Queue.INCOMING)

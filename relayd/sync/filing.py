@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from relayd.config.model import AccountConfig, Config
 from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.lines import as_delivered
+from relayd.core.queues import Queue
 from relayd.core.routing import find_account
 from relayd.core.sentcopy import (
     Filing,
@@ -46,12 +47,12 @@ from relayd.maildir import CaptureMaildir
 from relayd.metrics import IMAP_COPIES
 from relayd.spool.store import Spool, StoredMessage
 from relayd.sync import wire
-from relayd.sync.backlog import FILING_QUEUE, add_dsn, enter_from_active, return_to_delivery
+from relayd.sync.backlog import add_dsn, enter_from_active, return_to_delivery
 from relayd.sync.connections import ImapConnections
 from relayd.sync.imap import ImapError, ImapFailure
 from relayd.tasks import TaskSet
 
-__all__ = ["FAULT_ENV", "FilingStage"]
+__all__ = ["FAULT_ENV", "FilingEvents", "FilingStage"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,25 @@ def _fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class FilingEvents:
+    """What the filing stage tells the alert channels; the base class does nothing."""
+
+    def sent_copy_dropped(self, account: str, queue_id: str, reason: str) -> None:
+        """The IMAP Sent copy of a message was given up after ``give_up_after``."""
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A filing to make now; ``msg`` and ``state`` when the caller had them in hand."""
+
+    qid: str
+    msg: StoredMessage | None = None
+    state: DeliveryState | None = None
+
+
 @dataclass
 class _Lane:
-    ready: deque[str] = field(default_factory=deque)
+    ready: deque[_Ready] = field(default_factory=deque)
     running: bool = False
 
 
@@ -94,20 +111,22 @@ class FilingStage:
         config: Config,
         spool: Spool,
         connections: ImapConnections,
+        requeue: Callable[[str], None],
+        events: FilingEvents | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         fsync: bool = True,
     ) -> None:
+        """``requeue``: hands a DSN put back in ``incoming/`` to the delivery scheduler (it
+        goes out over SMTP after all)."""
         self.config = config
         self.spool = spool
         self.connections = connections
+        self.requeue = requeue
+        self.events = events if events is not None else FilingEvents()
         self.clock = clock
         self.rand = rand
         self.fsync = fsync
-        #: Hands a queue id in ``incoming/`` to the delivery scheduler (DSN sent over SMTP).
-        self.on_fallback: Callable[[str], None] | None = None
-        #: Told (account, queue id, reason) when a Sent copy is given up: alert channels.
-        self.on_dropped: Callable[[str, str, str], None] | None = None
         self._lanes: dict[str, _Lane] = {}
         self._timers: list[tuple[float, str]] = []
         self._waiting: set[str] = set()  # queue ids on a timer
@@ -120,7 +139,7 @@ class FilingStage:
 
     def start(self) -> None:
         """Pick up ``copy/`` after spool recovery: filings interrupted by a stop or crash."""
-        for qid in self.spool.list(FILING_QUEUE):
+        for qid in self.spool.list(Queue.COPY):
             job = job_of(self.spool.read_state(qid))
             self._schedule(qid, job.next_attempt_at if job else 0.0)
         self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
@@ -154,7 +173,7 @@ class FilingStage:
         if sent_copy_filing(account) is Filing.NONE:
             return False
         try:
-            enter_from_active(self.spool, msg.queue_id, state)
+            state = enter_from_active(self.spool, msg.queue_id, state)
         except OSError as exc:
             log.error(
                 "ALERT cannot queue the Sent copy (%s); the mail itself was delivered",
@@ -162,7 +181,7 @@ class FilingStage:
                 extra={"queue_id": msg.queue_id, "account": account.address},
             )
             return False
-        self._enqueue(msg.queue_id)
+        self._enqueue(_Ready(msg.queue_id, self.spool.relocated(msg, Queue.COPY), state))
         return True
 
     async def take_dsn(self, envelope: Envelope, content: bytes, account: AccountConfig) -> bool:
@@ -178,31 +197,35 @@ class FilingStage:
                 extra={"queue_id": envelope.queue_id, "account": account.address},
             )
             return False
-        self._enqueue(envelope.queue_id)
+        self._enqueue(_Ready(envelope.queue_id))
         return True
 
     def resume(self, queue_id: str) -> None:
         """A message put (back) into ``copy/`` by someone else: file it now."""
-        self._enqueue(queue_id)
+        self._enqueue(_Ready(queue_id))
 
     def _schedule(self, qid: str, due: float) -> None:
         self._waiting.add(qid)
         heapq.heappush(self._timers, (due, qid))
         self._wake.set()
 
-    def _enqueue(self, qid: str) -> None:
+    def _enqueue(self, ready: _Ready) -> None:
         if self._stopping:
             return  # picked up from copy/ at the next start
-        try:
-            envelope = self.spool.load(qid, FILING_QUEUE).envelope
-        except FileNotFoundError:
-            return  # deleted by the operator meanwhile
-        except SpoolError as exc:
-            self._quarantine(qid, str(exc))
-            return
-        lane = self._lanes.setdefault(envelope.account, _Lane())
-        if qid not in lane.ready:
-            lane.ready.append(qid)
+        if ready.msg is not None:
+            account = ready.msg.envelope.account
+        else:
+            try:
+                msg = self.spool.load_if_present(ready.qid, Queue.COPY)
+            except SpoolError as exc:
+                self._quarantine(ready.qid, str(exc))
+                return
+            if msg is None:
+                return  # deleted by the operator meanwhile
+            account = msg.envelope.account
+        lane = self._lanes.setdefault(account, _Lane())
+        if all(r.qid != ready.qid for r in lane.ready):
+            lane.ready.append(ready)
         if not lane.running:
             lane.running = True
             self._tasks.spawn(self._work(lane))
@@ -214,7 +237,7 @@ class FilingStage:
                 _, qid = heapq.heappop(self._timers)
                 if qid in self._waiting:
                     self._waiting.discard(qid)
-                    self._enqueue(qid)
+                    self._enqueue(_Ready(qid))
             delay = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -225,9 +248,10 @@ class FilingStage:
     async def _work(self, lane: _Lane) -> None:
         try:
             while lane.ready and not self._stopping:
-                qid = lane.ready.popleft()
+                ready = lane.ready.popleft()
+                qid = ready.qid
                 try:
-                    await self._file(qid)
+                    await self._file(ready)
                 except Exception:
                     # A bug must not lose the job: it stays in copy/ and is tried again.
                     log.exception("filing failed unexpectedly", extra={"queue_id": qid})
@@ -241,17 +265,21 @@ class FilingStage:
             return found
         return find_account(self.config, envelope.account)
 
-    async def _file(self, qid: str) -> None:
-        try:
-            msg = self.spool.load(qid, FILING_QUEUE)
-        except FileNotFoundError:
-            return
-        except SpoolError as exc:
-            self._quarantine(qid, str(exc))
-            return
+    async def _file(self, ready: _Ready) -> None:
+        qid = ready.qid
+        msg, state = ready.msg, ready.state
+        if msg is None or state is None:
+            # A retry, or picked up after a start: what the spool holds now.
+            try:
+                msg = self.spool.load_if_present(qid, Queue.COPY)
+            except SpoolError as exc:
+                self._quarantine(qid, str(exc))
+                return
+            if msg is None:
+                return  # deleted or held by the operator meanwhile
+            state = self.spool.read_state(qid)
         envelope = msg.envelope
         logx = {"queue_id": qid, "account": envelope.account}
-        state = self.spool.read_state(qid)
         job = job_of(state)
         if job is None:
             if envelope.is_dsn:
@@ -269,17 +297,20 @@ class FilingStage:
         if route is Filing.NONE:
             if is_sent:
                 log.info("no Sent copy: the account's settings no longer ask for one", extra=logx)
-                self.spool.remove(qid, FILING_QUEUE)
+                self.spool.remove(qid, Queue.COPY)
             else:
                 self._to_smtp(qid, "the account has no IMAP any more", logx)
             return
         # The bytes the DATA phase delivered (CRLF line ends, final CRLF), not the file's.
-        content = as_delivered(await asyncio.to_thread(msg.read_content))
+        raw = msg.preloaded
+        if raw is None:
+            raw = await asyncio.to_thread(msg.read_content)
+        content = as_delivered(raw)
         try:
             if route is Filing.CAPTURE:
                 where = await asyncio.to_thread(self._file_capture, account, qid, content)
             else:
-                where = await self._file_imap(item, account, content)
+                where = await self._file_imap(item, account, envelope.message_id, content)
         except ImapError as err:
             item.job = job_of(self.spool.read_state(qid)) or job  # append_issued may be set
             IMAP_COPIES.inc(account=account.address, result="failed")
@@ -288,7 +319,7 @@ class FilingStage:
         except OSError as exc:
             self._failed(item, f"capture Maildir: {exc}")
             return
-        self.spool.remove(qid, FILING_QUEUE)
+        self.spool.remove(qid, Queue.COPY)
         if route is not Filing.CAPTURE:
             IMAP_COPIES.inc(account=account.address, result="filed")
         what = "Sent copy" if is_sent else "non-delivery notification"
@@ -302,12 +333,15 @@ class FilingStage:
             maildir.file_sent_copy(content, name=name)
         return f"capture:{account.capture_path}/.Sent"
 
-    async def _file_imap(self, item: _Item, account: AccountConfig, content: bytes) -> str:
+    async def _file_imap(
+        self, item: _Item, account: AccountConfig, message_id: str | None, content: bytes
+    ) -> str:
         connections = self.connections
         session = await connections.acquire(account)
         try:
             mailbox = await connections.folder(account, session, item.job.folder)
-            msgid = wire.message_id(content)
+            # Found at reception; files spooled by earlier versions are read for it.
+            msgid = message_id or wire.message_id(content)
             if item.job.append_issued:
                 if msgid is None:
                     log.warning(
@@ -366,9 +400,8 @@ class FilingStage:
                 error,
                 extra=item.logx,
             )
-            self.spool.remove(item.qid, FILING_QUEUE)
-            if self.on_dropped is not None:
-                self.on_dropped(item.account, item.qid, error)
+            self.spool.remove(item.qid, Queue.COPY)
+            self.events.sent_copy_dropped(item.account, item.qid, error)
             return
         self.spool.write_state(item.qid, with_job(item.state, new))
         log.warning(
@@ -384,10 +417,9 @@ class FilingStage:
     def _to_smtp(self, qid: str, why: str, logx: dict[str, str]) -> None:
         log.warning("non-delivery notification goes out over SMTP instead: %s", why, extra=logx)
         return_to_delivery(self.spool, qid)
-        if self.on_fallback is not None:
-            self.on_fallback(qid)
+        self.requeue(qid)
 
     def _quarantine(self, qid: str, why: str) -> None:
         log.error("cannot read: %s; quarantined", why, extra={"queue_id": qid})
         with contextlib.suppress(OSError):
-            self.spool.move(qid, FILING_QUEUE, "corrupt")
+            self.spool.move(qid, Queue.COPY, Queue.CORRUPT)

@@ -33,7 +33,7 @@ import aioimaplib
 from relayd.config.model import AccountConfig, ImapServer, TlsMode
 from relayd.errors import RelaydError
 from relayd.sync import wire
-from relayd.upstream.transport import tls_context_for
+from relayd.tls import client_context
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
@@ -201,7 +201,7 @@ class ImapSession:
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         tls = self.server.tls
-        ctx = tls_context_for(str(self.server.ca_file) if self.server.ca_file else None)
+        ctx = client_context(str(self.server.ca_file) if self.server.ca_file else None)
         self._lost = loop.create_future()
         self._client = aioimaplib.IMAP4(
             host=self.server.host,

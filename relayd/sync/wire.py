@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from relayd.core.msgid import message_id_from
 from relayd.sync import mutf7
 
 __all__ = [
@@ -204,7 +205,8 @@ def xoauth2_response(username: str, token: str) -> bytes:
 
 
 def message_id(content: bytes) -> str | None:
-    """The Message-ID of a message (``<local@domain>``), from its header section."""
+    """The Message-ID of a message (``<local@domain>``), from its header section (for files
+    spooled before the envelope carried it)."""
     end = content.find(b"\r\n\r\n")
     head = content if end < 0 else content[: end + 2]
     # Unfold (RFC 5322 §2.2.3) before looking: a long Message-ID may sit on the next line.
@@ -212,9 +214,7 @@ def message_id(content: bytes) -> str | None:
     for line in head.split(b"\n"):
         name, colon, value = line.partition(b":")
         if colon and name.strip().lower() == b"message-id":
-            text = value.strip().decode("utf-8", "replace")
-            match = re.search(r"<[^<>\s]+>", text)
-            return match.group(0) if match else (text or None)
+            return message_id_from(value.decode("utf-8", "replace"))
     return None
 
 

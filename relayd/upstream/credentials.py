@@ -8,17 +8,47 @@ credentials refused (held, then paused), carrying the hint to run ``relayd auth`
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
 from relayd.config.model import AccountConfig
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.log import redactor
-from relayd.oauth.tokens import ConsentRequired, TokenEndpointUnavailable, TokenSource
-from relayd.upstream.transport import AttemptError, Credential, Mechanism
+from relayd.oauth.tokens import AccessToken, ConsentRequired, TokenEndpointUnavailable, TokenSource
+from relayd.upstream.transport import AttemptError
 
-__all__ = ["AccountCredentials"]
+__all__ = ["AccountCredentials", "Credential", "CredentialSource", "Mechanism"]
+
+
+class Mechanism(enum.Enum):
+    PASSWORD = "password"  # AUTH PLAIN/LOGIN with an (app) password
+    XOAUTH2 = "xoauth2"  # AUTH XOAUTH2 with an OAuth2 access token
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What one login needs; ``repr`` never shows the secret."""
+
+    username: str
+    secret: str = field(repr=False)
+    mechanism: Mechanism
+    token: AccessToken | None = field(default=None, repr=False)
+
+
+class CredentialSource(Protocol):
+    async def obtain(self, account: AccountConfig) -> Credential:
+        """The credential to log in with now; raises AttemptError(Phase.TOKEN, ...) when
+        none can be had (token endpoint down: Failure; grant refused: Reply)."""
+        ...
+
+    def rejected(self, account: AccountConfig, credential: Credential) -> None:
+        """The server refused ``credential``: do not offer it again."""
+        ...
 
 
 class AccountCredentials:
-    """The daemon's ``CredentialSource``."""
+    """The daemon's ``CredentialSource``: the app password, else a token from the registry."""
 
     def __init__(self, tokens: TokenSource | None = None) -> None:
         self.tokens = tokens

@@ -1,20 +1,19 @@
-"""One delivery attempt of one message, over a reused session, turned into verdicts.
+"""One delivery attempt of one message, over a reused transport, turned into verdicts.
 
-The scheduler hands in the account, the envelope, the recipients still pending and the
-content; this module speaks to the provider (or the capture Maildir) and returns what
-happened per recipient plus what it says about the account (login worked, credentials
-refused, upstream unreachable). It decides nothing about queues.
+The scheduler hands in the account, the envelope's sender, the recipients still pending and
+the content; ``UpstreamDeliverer`` speaks to the provider through the account's
+``Transport`` and returns what happened per recipient plus what it says about the account
+(login worked, credentials refused, upstream unreachable, sender refused), with the reply or
+failure behind it kept typed. It decides nothing about queues.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Protocol
 
 from relayd.config.model import AccountConfig
-from relayd.core.lines import as_delivered
 from relayd.core.outcome import (
     Failure,
     Phase,
@@ -25,17 +24,13 @@ from relayd.core.outcome import (
     is_send_as_refusal,
 )
 from relayd.core.states import RecipientResult
-from relayd.maildir import CaptureMaildir
+from relayd.upstream.capture import CaptureTransport
+from relayd.upstream.credentials import CredentialSource
 from relayd.upstream.dataphase import ContentSource
-from relayd.upstream.transport import (
-    DEFAULT_TIMEOUTS,
-    AttemptError,
-    CredentialSource,
-    Timeouts,
-    UpstreamSession,
-)
+from relayd.upstream.smtp import SmtpSession
+from relayd.upstream.transport import DEFAULT_TIMEOUTS, AttemptError, Timeouts, Transport
 
-__all__ = ["AccountSignal", "AttemptReport", "Deliverer"]
+__all__ = ["AccountSignal", "AttemptReport", "Deliverer", "UpstreamDeliverer"]
 
 
 class AccountSignal(enum.Enum):
@@ -50,9 +45,33 @@ class AttemptReport:
     results: list[RecipientResult]
     relay: str
     signal: AccountSignal | None = None
-    detail: str = ""  # the reply or failure behind the signal
+    cause: Reply | Failure | None = None  # the reply or failure behind the signal
     sessions_opened: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def detail(self) -> str:
+        return str(self.cause) if self.cause is not None else ""
+
+
+class Deliverer(Protocol):
+    """What the scheduler needs from the upstream side."""
+
+    def new_transport(self, account: AccountConfig) -> Transport:
+        """A transport for the account, not yet open (the paused account's probe uses it)."""
+        ...
+
+    async def attempt(
+        self,
+        account: AccountConfig,
+        sender: str,
+        pending: tuple[str, ...],
+        content: ContentSource,
+        transport: Transport | None,
+        *,
+        smtputf8: bool = False,
+    ) -> tuple[AttemptReport, Transport | None]:
+        """Deliver to ``pending``; returns the report and the transport to keep, if open."""
+        ...
 
 
 def _batches(recipients: tuple[str, ...], size: int) -> list[tuple[str, ...]]:
@@ -68,7 +87,9 @@ def _result(recipient: str, phase: Phase, outcome: Reply | Failure) -> Recipient
     return RecipientResult(recipient, classify_failure(outcome), outcome.enhanced, str(outcome))
 
 
-class Deliverer:
+class UpstreamDeliverer:
+    """The daemon's ``Deliverer``: SMTP sessions, or the capture Maildir."""
+
     def __init__(
         self,
         *,
@@ -82,8 +103,10 @@ class Deliverer:
         self.timeouts = timeouts
         self.fsync = fsync
 
-    def new_session(self, account: AccountConfig) -> UpstreamSession:
-        return UpstreamSession(
+    def new_transport(self, account: AccountConfig) -> Transport:
+        if account.is_capture:
+            return CaptureTransport(account, fsync=self.fsync)
+        return SmtpSession(
             account, helo_name=self.helo_name, credentials=self.credentials, timeouts=self.timeouts
         )
 
@@ -92,73 +115,46 @@ class Deliverer:
         account: AccountConfig,
         sender: str,
         pending: tuple[str, ...],
-        content: bytes | ContentSource,
-        session: UpstreamSession | None,
+        content: ContentSource,
+        transport: Transport | None,
         *,
         smtputf8: bool = False,
-    ) -> tuple[AttemptReport, UpstreamSession | None]:
-        if account.is_capture:
-            return await self._capture(account, sender, pending, content), None
-        report = AttemptReport(results=[], relay="")
-        reused = session is not None and session.is_open
-        if session is None or not session.is_open:
-            session = self.new_session(account)
-        report.relay = session.relay
+    ) -> tuple[AttemptReport, Transport | None]:
+        reused = transport is not None and transport.is_open
+        if transport is None or not transport.is_open:
+            transport = self.new_transport(account)
+        report = AttemptReport(results=[], relay=transport.relay)
         for try_number in (1, 2):
             try:
-                if not session.is_open:
+                if not transport.is_open:
                     report.sessions_opened += 1
-                    await session.open()
+                    await transport.open()
                     report.signal = AccountSignal.LOGIN_OK
                 results: list[RecipientResult] = []
                 for batch in _batches(pending, account.limits.max_recipients):
-                    tx = await session.send(sender, batch, content, smtputf8=smtputf8)
+                    tx = await transport.send(sender, batch, content, smtputf8=smtputf8)
                     for rcpt in batch:
                         phase, reply = tx.replies[rcpt]
                         results.append(_result(rcpt, phase, reply))
                         if phase is not Phase.RCPT and is_send_as_refusal(reply):
                             report.signal = AccountSignal.SEND_AS_DENIED
-                            report.detail = str(reply)
+                            report.cause = reply
                         if phase is Phase.MAIL and classify_reply(phase, reply) is Verdict.HELD:
                             report.signal = AccountSignal.CREDENTIALS_REFUSED
-                            report.detail = str(reply)
+                            report.cause = reply
                 report.results = results
-                return report, session if session.is_open else None
+                return report, transport if transport.is_open else None
             except AttemptError as err:
                 if reused and try_number == 1 and isinstance(err.outcome, Failure):
                     # A kept connection the server closed while idle: reconnect once.
-                    session = self.new_session(account)
+                    transport = self.new_transport(account)
                     continue
                 report.results = [_result(r, err.phase, err.outcome) for r in pending]
                 if any(r.verdict is Verdict.HELD for r in report.results):
                     report.signal = AccountSignal.CREDENTIALS_REFUSED
                 elif isinstance(err.outcome, Failure) or err.phase in (Phase.CONNECT, Phase.EHLO):
                     report.signal = AccountSignal.CONNECTION_FAILED
-                report.detail = str(err.outcome)
-                session.close()
+                report.cause = err.outcome
+                transport.close()
                 return report, None
         raise AssertionError("unreachable")
-
-    async def _capture(
-        self,
-        account: AccountConfig,
-        sender: str,
-        pending: tuple[str, ...],
-        content: bytes | ContentSource,
-    ) -> AttemptReport:
-        assert account.capture_path is not None
-        maildir = CaptureMaildir(account.capture_path, fsync=self.fsync)
-
-        def deliver() -> Path:
-            data = content if isinstance(content, bytes) else b"".join(content.iter_content())
-            # As an SMTP upstream would receive it, so its Sent copy is the same bytes.
-            return maildir.deliver(sender, pending, as_delivered(data))
-
-        path = await asyncio.to_thread(deliver)
-        # Its Sent copy (the Maildir's .Sent) is filed by the filing stage, relayd.sync.filing.
-        ok = Reply(250, f"2.0.0 captured as {path.name}")
-        return AttemptReport(
-            results=[RecipientResult(r, Verdict.DELIVERED, "2.0.0", str(ok)) for r in pending],
-            relay=f"capture:{account.capture_path}",
-            signal=AccountSignal.LOGIN_OK,
-        )

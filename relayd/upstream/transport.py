@@ -1,71 +1,32 @@
-"""One authenticated SMTP connection to an account's provider (aiosmtplib underneath).
+"""What every way of handing a message to a provider has in common: the ``Transport``.
 
-TLS is never opportunistic: ``implicit`` connects with TLS, ``starttls`` requires the server
-to offer STARTTLS and fails (deferring the mail) when it does not — aiosmtplib's default
-``start_tls=None`` would silently continue in plain text and send the password. Plain text
-only to a loopback upstream marked ``tls: none`` (enforced by the config loader).
-
-Library exceptions are mapped here, at the boundary, into ``AttemptError`` carrying the phase
-and either the server's reply or a ``Failure``; ``relayd.core.outcome`` decides what they mean.
+The scheduler keeps one open transport per connection slot of an account's lane and hands
+it message after message; it never knows whether the transport speaks SMTP
+(``relayd.upstream.smtp``), writes the capture Maildir (``relayd.upstream.capture``) or
+calls an HTTP send API. A transport maps what went wrong at its boundary into an
+``AttemptError`` (the phase, and the server's ``Reply`` or a ``Failure``) and what each
+recipient was told into a ``TransactionResult``; ``relayd.core.outcome`` decides what those
+mean, so no transport decides policy.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import logging
-import re
-import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-import aiosmtplib
-
-from relayd.config.model import AccountConfig, TlsMode
-from relayd.config.values import is_loopback_host
-from relayd.core.outcome import Failure, FailureKind, Phase, Reply
-from relayd.errors import SpoolError
-from relayd.oauth.tokens import AccessToken
-from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
-from relayd.upstream.channel import ReplyChannel
-from relayd.upstream.dataphase import BytesContent, ContentSource, send_content
+from relayd.config.model import AccountConfig
+from relayd.core.outcome import Failure, Phase, Reply
+from relayd.upstream.dataphase import ContentSource
 
 __all__ = [
+    "DEFAULT_TIMEOUTS",
     "AttemptError",
-    "Credential",
-    "CredentialSource",
-    "Mechanism",
     "Timeouts",
     "TransactionResult",
-    "UpstreamSession",
-    "tls_context_for",
+    "Transport",
+    "TransportFactory",
 ]
-
-
-class Mechanism(enum.Enum):
-    PASSWORD = "password"  # AUTH PLAIN/LOGIN with an (app) password
-    XOAUTH2 = "xoauth2"  # AUTH XOAUTH2 with an OAuth2 access token
-
-
-@dataclass(frozen=True)
-class Credential:
-    """What one login needs; ``repr`` never shows the secret."""
-
-    username: str
-    secret: str = field(repr=False)
-    mechanism: Mechanism
-    token: AccessToken | None = field(default=None, repr=False)
-
-
-class CredentialSource(Protocol):
-    async def obtain(self, account: AccountConfig) -> Credential:
-        """The credential to log in with now; raises AttemptError(Phase.TOKEN, ...) when
-        none can be had (token endpoint down: Failure; grant refused: Reply)."""
-        ...
-
-    def rejected(self, account: AccountConfig, credential: Credential) -> None:
-        """The server refused ``credential``: do not offer it again."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -79,10 +40,11 @@ class Timeouts:
 
 DEFAULT_TIMEOUTS = Timeouts()
 
-log = logging.getLogger(__name__)
-
 
 class AttemptError(Exception):
+    """The transport broke down in ``phase``: the server said ``Reply``, or nothing could be
+    said (``Failure``: network, TLS, timeout, token endpoint)."""
+
     def __init__(self, phase: Phase, outcome: Reply | Failure) -> None:
         super().__init__(str(outcome))
         self.phase = phase
@@ -91,314 +53,49 @@ class AttemptError(Exception):
 
 @dataclass(frozen=True)
 class TransactionResult:
-    """Replies for one MAIL/RCPT/DATA transaction, per recipient."""
+    """What one transaction said to each recipient: the phase and the reply."""
 
     replies: dict[str, tuple[Phase, Reply]]
 
 
-def tls_context_for(ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # SPEC: TLS 1.2 or newer upstream
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _failure_from(exc: BaseException, phase: Phase) -> Failure:
-    chain: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and len(chain) < 6:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for item in chain:
-        if isinstance(item, ssl.SSLCertVerificationError):
-            return Failure(
-                Phase.TLS, FailureKind.TLS, f"certificate not trusted: {item.verify_message}"
-            )
-        if isinstance(item, ssl.SSLError):
-            return Failure(Phase.TLS, FailureKind.TLS, f"TLS handshake failed: {item.reason}")
-    if isinstance(exc, (asyncio.TimeoutError, aiosmtplib.SMTPTimeoutError)):
-        return Failure(phase, FailureKind.TIMEOUT, "timed out")
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return Failure(phase, FailureKind.PROTOCOL, "server disconnected")
-    if isinstance(exc, (aiosmtplib.SMTPConnectError, OSError)):
-        return Failure(phase, FailureKind.NETWORK, str(exc) or type(exc).__name__)
-    return Failure(phase, FailureKind.PROTOCOL, str(exc) or type(exc).__name__)
-
-
-# Checked on every command before it is written, as aiosmtplib checks its own (CR, LF, NUL).
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-
-
-class UpstreamSession:
-    """Connect, secure, log in once; then any number of transactions (reused connection)."""
-
-    def __init__(
-        self,
-        account: AccountConfig,
-        *,
-        helo_name: str,
-        credentials: CredentialSource,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
-    ) -> None:
-        assert account.smtp is not None
-        self.account = account
-        self.server = account.smtp
-        self.helo_name = helo_name
-        self.credentials = credentials
-        self.timeouts = timeouts
-        self._smtp: aiosmtplib.SMTP | None = None  # for its EHLO data, once logged in
-        self._channel: ReplyChannel | None = None  # the connection, once logged in
-        self.messages_sent = 0
+class Transport(Protocol):
+    """An account's way in to its provider, opened once and reused across messages."""
 
     @property
     def relay(self) -> str:
-        return f"{self.server.host}:{self.server.port}"
+        """Where the messages go, for the log line (``host:port``, ``capture:PATH``)."""
+        ...
 
     @property
-    def is_open(self) -> bool:
-        return self._channel is not None and self._channel.is_open
+    def is_open(self) -> bool: ...
 
     async def open(self) -> None:
-        tls = self.server.tls
-        ca = str(self.server.ca_file) if self.server.ca_file else None
-        smtp = aiosmtplib.SMTP(
-            hostname=self.server.host,
-            port=self.server.port,
-            local_hostname=self.helo_name,
-            use_tls=tls is TlsMode.IMPLICIT,
-            # True, never None: STARTTLS is mandatory when configured (not opportunistic).
-            start_tls=tls is TlsMode.STARTTLS,
-            tls_context=tls_context_for(ca) if tls is not TlsMode.NONE else None,
-            timeout=self.timeouts.command,
-        )
-        phase = Phase.CONNECT
-        try:
-            await smtp.connect(timeout=self.timeouts.connect)
-            phase = Phase.EHLO
-            await smtp.ehlo()
-        except aiosmtplib.SMTPResponseException as exc:
-            smtp.close()
-            raise AttemptError(phase, Reply(exc.code, exc.message)) from None
-        except aiosmtplib.SMTPException as exc:
-            smtp.close()
-            if "STARTTLS extension not supported" in str(exc):
-                raise AttemptError(
-                    Phase.TLS,
-                    Failure(Phase.TLS, FailureKind.NO_STARTTLS, "server does not offer STARTTLS"),
-                ) from None
-            failure = _failure_from(exc, phase)
-            raise AttemptError(failure.phase, failure) from None
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
-            smtp.close()
-            failure = _failure_from(exc, phase)
-            raise AttemptError(failure.phase, failure) from None
-        logx = {"account": self.account.address}
-        tls_object = smtp.get_transport_info("ssl_object")
-        log.debug(
-            "connected to %s (%s), server offers AUTH %s",
-            self.relay,
-            tls_object.version() if tls_object is not None else "no TLS",
-            " ".join(smtp.server_auth_methods) or "-",
-            extra=logx,
-        )
-        try:
-            await self._authenticate(smtp)
-        except BaseException:
-            smtp.close()
-            raise
-        log.debug("logged in to %s as %s", self.relay, self.account.username, extra=logx)
-        try:
-            self._channel = ReplyChannel.take_over(smtp)
-        except aiosmtplib.SMTPException as exc:
-            smtp.close()
-            failure = _failure_from(exc, Phase.AUTH)
-            raise AttemptError(failure.phase, failure) from None
-        self._smtp = smtp
-
-    async def _authenticate(self, smtp: aiosmtplib.SMTP) -> None:
-        if (
-            not smtp.supports_extension("auth")
-            and self.server.tls is TlsMode.NONE
-            and is_loopback_host(self.server.host)
-        ):
-            # A plain loopback upstream (only allowed when the config marks it `tls: none`)
-            # is a local MTA hop such as Postfix on 127.0.0.1:25: when it offers no AUTH,
-            # there is nobody to log in to. Anywhere else a missing AUTH fails the attempt.
-            log.debug("%s offers no AUTH: local hop, sending without login", self.relay)
-            return
-        credential = await self.credentials.obtain(self.account)
-        try:
-            if credential.mechanism is Mechanism.XOAUTH2:
-                await self._xoauth2(smtp, credential)
-            else:
-                await smtp.login(credential.username, credential.secret)
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code // 100 == 5:  # refused, not "try later" (454)
-                self.credentials.rejected(self.account, credential)
-            raise AttemptError(Phase.AUTH, Reply(exc.code, exc.message)) from None
-        except aiosmtplib.SMTPException as exc:
-            failure = _failure_from(exc, Phase.AUTH)
-            raise AttemptError(Phase.AUTH, failure) from None
-        except (TimeoutError, OSError) as exc:
-            raise AttemptError(Phase.AUTH, _failure_from(exc, Phase.AUTH)) from None
-
-    async def _xoauth2(self, smtp: aiosmtplib.SMTP, credential: Credential) -> None:
-        """``AUTH XOAUTH2``, ``334``, the response on its own line, ``235`` (see xoauth2)."""
-        if "xoauth2" not in smtp.server_auth_methods:
-            raise aiosmtplib.SMTPResponseException(504, "5.5.4 server does not offer XOAUTH2")
-        reply = await smtp.execute_command(b"AUTH", b"XOAUTH2")
-        if reply.code != 334:
-            raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
-        reply = await smtp.execute_command(xoauth2_response(credential.username, credential.secret))
-        if reply.code == 334:
-            # The token was refused: the JSON error challenge must be answered (with an empty
-            # line) before the server sends its final reply.
-            status = error_challenge_status(reply.message)
-            reply = await smtp.execute_command(b"")
-            if reply.code != 235 and status:
-                message = f"{reply.message} (token refused, status {status})"
-                raise aiosmtplib.SMTPResponseException(reply.code, message)
-        if reply.code != 235:
-            raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
+        """Connect, secure and log in; raises AttemptError."""
+        ...
 
     async def send(
         self,
         sender: str,
         recipients: tuple[str, ...],
-        content: bytes | ContentSource,
+        content: ContentSource,
         *,
         smtputf8: bool = False,
     ) -> TransactionResult:
-        """One transaction. Per-recipient replies; raises AttemptError if the session broke.
-
-        MAIL, RCPT and DATA are pipelined when the server offers PIPELINING (RFC 2920); the
-        content is streamed (``relayd.upstream.dataphase``): a spooled message is read from
-        its file block by block, never held whole.
-        """
-        smtp, channel = self._smtp, self._channel
-        assert smtp is not None and channel is not None, "open() first"
-        if isinstance(content, bytes):
-            content = BytesContent(content)
-        options = b""
-        if smtp.supports_extension("8bitmime"):
-            options += b" BODY=8BITMIME"
-        if smtputf8 and smtp.supports_extension("smtputf8"):
-            options += b" SMTPUTF8"
-        if smtp.supports_extension("size"):
-            options += b" SIZE=" + str(content.content_length).encode()
-        encoding = "utf-8" if smtputf8 else "ascii"
-        commands = [b"MAIL FROM:<" + sender.encode(encoding) + b">" + options + b"\r\n"]
-        commands += [b"RCPT TO:<" + r.encode(encoding) + b">\r\n" for r in recipients]
-        if any(_CONTROL.search(c, 0, len(c) - 2) for c in commands):
-            raise ValueError("an address holds a control character")  # never sent as is
-        replies: dict[str, tuple[Phase, Reply]] = {}
-        try:
-            channel.begin()
-            mail, rcpt_replies, data = await self._exchange(channel, [*commands, b"DATA\r\n"], smtp)
-            accepted: list[str] = []
-            for rcpt, resp in zip(recipients, rcpt_replies, strict=True):
-                if mail.code != 250:
-                    replies[rcpt] = (Phase.MAIL, mail)
-                elif resp.code in (250, 251):
-                    accepted.append(rcpt)
-                else:
-                    replies[rcpt] = (Phase.RCPT, resp)
-            if data is None or not accepted:
-                if data is not None and data.code == 354:
-                    # RFC 2920 §3.1: DATA taken with no recipient: end it empty at once.
-                    async with asyncio.timeout(self.timeouts.command):
-                        channel.write(b".\r\n")
-                        await channel.reply()
-                await self._reset_quietly(channel)
-                return TransactionResult(replies)
-            if data.code == 354:
-                async with asyncio.timeout(self.timeouts.data):
-                    final = await send_content(channel, content)
-            else:
-                final = data
-            if final.code != 250:
-                await self._reset_quietly(channel)
-            for rcpt in accepted:
-                replies[rcpt] = (Phase.DATA, final)
-        except SpoolError:
-            # The message file, not the server: the connection is dropped without the final
-            # dot (the server discards the cut message) and the spool deals with the file.
-            self.close()
-            raise
-        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            self.close()
-            failure = _failure_from(exc, Phase.DATA)
-            raise AttemptError(failure.phase, failure) from None
-        if any(reply.code == 421 for _, reply in replies.values()):
-            self.close()  # the server is closing the session
-        self.messages_sent += 1
-        return TransactionResult(replies)
-
-    async def _exchange(
-        self, channel: ReplyChannel, commands: list[bytes], smtp: aiosmtplib.SMTP
-    ) -> tuple[Reply, list[Reply], Reply | None]:
-        """Replies to MAIL, to each RCPT, and to DATA (None when DATA was not sent: the
-        server does not pipeline and no recipient was accepted). Pipelined in one write
-        where the server allows it, else one command at a time as RFC 5321 has it."""
-        mail_command, rcpt_commands, data_command = commands[0], commands[1:-1], commands[-1]
-        async with asyncio.timeout(self.timeouts.command * 2):
-            if smtp.supports_extension("pipelining"):
-                channel.write(b"".join(commands))
-                mail = await channel.reply()
-                rcpts = [await channel.reply() for _ in rcpt_commands]
-                return mail, rcpts, await channel.reply()
-            channel.write(mail_command)
-            mail = await channel.reply()
-            if mail.code != 250:
-                return mail, [mail for _ in rcpt_commands], None
-            rcpts = []
-            for command in rcpt_commands:
-                channel.write(command)
-                rcpts.append(await channel.reply())
-            if not any(r.code in (250, 251) for r in rcpts):
-                return mail, rcpts, None
-            channel.write(data_command)
-            return mail, rcpts, await channel.reply()
-
-    async def _reset_quietly(self, channel: ReplyChannel) -> None:
-        try:
-            async with asyncio.timeout(self.timeouts.command):
-                channel.write(b"RSET\r\n")
-                await channel.reply()
-        except (TimeoutError, aiosmtplib.SMTPException, OSError):
-            self.close()
+        """One message to ``recipients``; raises AttemptError if the transport broke, and the
+        spool's SpoolError if the message file could not be read (never sent cut short)."""
+        ...
 
     async def probe(self) -> None:
-        """A paused account's probe: log in only (SPEC), then leave."""
-        await self.open()
-        await self.quit()
+        """Log in and leave: a paused account's probe (SPEC "Delivery"); AttemptError."""
+        ...
 
     async def quit(self) -> None:
-        smtp, channel = self._smtp, self._channel
-        self._smtp, self._channel = None, None
-        if channel is None:
-            if smtp is not None:
-                smtp.close()
-            return
-        log.debug(
-            "closing session to %s after %d messages",
-            self.relay,
-            self.messages_sent,
-            extra={"account": self.account.address},
-        )
-        try:
-            async with asyncio.timeout(5):
-                channel.write(b"QUIT\r\n")
-                await channel.reply()
-        except (TimeoutError, aiosmtplib.SMTPException, OSError):
-            pass
-        channel.close()
+        """Close politely (SMTP QUIT); never raises."""
+        ...
 
     def close(self) -> None:
-        smtp, channel = self._smtp, self._channel
-        self._smtp, self._channel = None, None
-        if channel is not None:
-            channel.close()
-        elif smtp is not None:
-            smtp.close()
+        """Close at once; never raises."""
+        ...
+
+
+TransportFactory = Callable[[AccountConfig], Transport]

@@ -29,7 +29,9 @@ from relayd.config.model import AccountConfig, Limits, SentCopy, SmtpServer, Tls
 from relayd.core.outcome import Phase, Reply
 from relayd.oauth.store import StoredTokens, TokenStore, new_consent_id
 from relayd.oauth.tokens import AccessToken
-from relayd.upstream.transport import AttemptError, Credential, Mechanism, UpstreamSession
+from relayd.upstream.credentials import Credential, Mechanism
+from relayd.upstream.smtp import SmtpSession
+from relayd.upstream.transport import AttemptError
 
 pytestmark = pytest.mark.integration
 
@@ -236,7 +238,7 @@ async def test_dovecot_rejects_wrong_and_expired_tokens(mail_world, new_mailbox,
     someone_elses = oauth.issue_access_token(other.address, MS_CLIENT)
     for token in ("not-a-token-at-all", expired, someone_elses):
         source = _Fixed(token)
-        session = UpstreamSession(account, helo_name="relayd.test", credentials=source)
+        session = SmtpSession(account, helo_name="relayd.test", credentials=source)
         with pytest.raises(AttemptError) as info:
             await session.open()
         # The refusal arrives as a final reply (the JSON challenge was answered), not as a
@@ -245,7 +247,7 @@ async def test_dovecot_rejects_wrong_and_expired_tokens(mail_world, new_mailbox,
         assert isinstance(info.value.outcome, Reply) and info.value.outcome.code == 535
         assert "status 401" in info.value.outcome.text
         assert source.rejected_tokens == [token]
-    session = UpstreamSession(account, helo_name="relayd.test", credentials=_Fixed(valid))
+    session = SmtpSession(account, helo_name="relayd.test", credentials=_Fixed(valid))
     await session.open()
     await session.quit()
     assert oauth.introspections(valid) == 1

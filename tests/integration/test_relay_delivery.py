@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from relayd.core.queues import Queue
 from relayd.spool.store import Spool
 
 pytestmark = pytest.mark.integration
@@ -253,11 +254,11 @@ def test_sigkill_right_after_the_final_dot_leaves_whole_or_nothing(
             assert sorted(p.name for p in (state / "active").iterdir()) == []
             # Whatever is spooled is whole: it loads (trailer and length check) with the body.
             spool = Spool(setup.dir / "state", fsync=False)
-            for queue in ("incoming", "deferred"):
+            for queue in (Queue.INCOMING, Queue.DEFERRED):
                 for qid in spool.list(queue):
                     content = spool.load(qid, queue).read_content()
                     assert content.endswith(big_body)
-        accepted = len(spool.list("incoming")) + len(spool.list("deferred"))
+        accepted = len(spool.list(Queue.INCOMING)) + len(spool.list(Queue.DEFERRED))
         setup.relayd.start()
         assert list((setup.dir / "state" / "spool" / "tmp").iterdir()) == []
     finally:

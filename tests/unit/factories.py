@@ -28,6 +28,8 @@ from relayd.config.model import (
     TlsMode,
 )
 from relayd.core.envelope import Envelope
+from relayd.core.queues import MOVES, Queue
+from relayd.spool.store import Spool
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -39,6 +41,7 @@ __all__ = [
     "make_envelope",
     "make_tenant",
     "pattern",
+    "place",
     "rewrite_rules",
 ]
 
@@ -209,3 +212,17 @@ def make_envelope(
         is_dsn=is_dsn,
         smtputf8=smtputf8,
     )
+
+
+def place(spool: Spool, queue_id: str, queue: Queue | str) -> None:
+    """Move a message just received into ``incoming/`` on to ``queue``, by the moves the
+    spool allows (relayd.core.queues): through ``active/`` where the scheduler would."""
+    target = Queue(queue)
+    if target is Queue.INCOMING:
+        return
+    if target in MOVES[Queue.INCOMING]:
+        spool.move(queue_id, Queue.INCOMING, target)
+        return
+    spool.move(queue_id, Queue.INCOMING, Queue.ACTIVE)
+    if target is not Queue.ACTIVE:
+        spool.move(queue_id, Queue.ACTIVE, target)

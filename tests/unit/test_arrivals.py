@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from relayd.spool.arrivals import Announcer, ArrivalInbox, arrival_channel
+from relayd.queue.arrivals import Announcer, ArrivalInbox, arrival_channel
 
 QID_A = "0660C47B81518873ED94"
 QID_B = "0660C47B81556CA102C4"

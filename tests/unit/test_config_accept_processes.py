@@ -9,7 +9,7 @@ import pytest
 
 from relayd.config import ConfigError, load_config
 from relayd.config.model import Config
-from relayd.workers import accept_process_count
+from relayd.inbound.processes import accept_process_count
 
 
 def load(tmp_path: Path, text: str) -> Config:

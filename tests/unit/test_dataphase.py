@@ -19,14 +19,15 @@ from pathlib import Path
 import pytest
 from factories import make_account, make_envelope
 
-from relayd.config.model import SmtpServer, TlsMode
+from relayd.config.model import AccountConfig, SmtpServer, TlsMode
 from relayd.core.lines import as_delivered
 from relayd.core.outcome import Verdict
+from relayd.core.queues import Queue
 from relayd.spool.store import Spool
 from relayd.upstream.credentials import AccountCredentials
-from relayd.upstream.dataphase import DotStuffer
-from relayd.upstream.delivery import Deliverer
-from relayd.upstream.transport import UpstreamSession
+from relayd.upstream.dataphase import BytesContent, DotStuffer
+from relayd.upstream.delivery import UpstreamDeliverer
+from relayd.upstream.smtp import SmtpSession
 
 # -- the transformation, pure ---------------------------------------------------------------
 
@@ -175,21 +176,21 @@ async def raw_sink() -> AsyncIterator[RawSink]:
 
 async def test_the_session_puts_the_stuffed_section_on_the_wire(raw_sink: RawSink) -> None:
     content = b"Subject: dots\r\n\r\n.hidden\r\n..double\r\n.\r\nlast"
-    session = UpstreamSession(
-        _account(raw_sink.port),  # type: ignore[arg-type]
+    session = SmtpSession(
+        _account(raw_sink.port),
         helo_name="relayd.test",
         credentials=AccountCredentials(),
     )
     await session.open()
     for _ in range(2):  # the connection stays in step: the second goes the same way
-        result = await session.send("a@x.test", ("b@y.test",), content)
+        result = await session.send("a@x.test", ("b@y.test",), BytesContent(content))
         assert result.replies["b@y.test"][1].code == 250
     await session.quit()
     assert raw_sink.sections == [wire_form(content)] * 2
     assert unstuff(raw_sink.sections[0]) == as_delivered(content)
 
 
-def _account(port: int) -> object:
+def _account(port: int) -> AccountConfig:
     account = make_account("app@example.test", password="pw-for-the-test")
     return dataclasses.replace(account, smtp=SmtpServer("127.0.0.1", port, TlsMode.NONE, None))
 
@@ -209,14 +210,14 @@ async def test_a_25_mib_message_is_streamed_from_its_spool_file(
     for _ in range(25 * 1024 * 1024 // len(block) + 1):
         reception.write(block)
     await reception.commit()
-    msg = spool.load(envelope.queue_id, "incoming", preload=1 << 18)
+    msg = spool.load(envelope.queue_id, Queue.INCOMING, preload=1 << 18)
     assert msg.preloaded is None and msg.content_length > 25 * 1024 * 1024
 
-    deliverer = Deliverer(helo_name="relayd.test", credentials=AccountCredentials())
+    deliverer = UpstreamDeliverer(helo_name="relayd.test", credentials=AccountCredentials())
     tracemalloc.start()
     try:
         report, session = await deliverer.attempt(
-            _account(raw_sink.port),  # type: ignore[arg-type]
+            _account(raw_sink.port),
             envelope.sender,
             envelope.recipients,
             msg,
@@ -243,13 +244,13 @@ async def test_refused_recipients_and_a_transaction_with_none_left(
 ) -> None:
     raw_sink.pipelining = pipelining
     raw_sink.refused = (b"<gone@y.test>",)
-    session = UpstreamSession(
-        _account(raw_sink.port),  # type: ignore[arg-type]
+    session = SmtpSession(
+        _account(raw_sink.port),
         helo_name="relayd.test",
         credentials=AccountCredentials(),
     )
     await session.open()
-    content = b"Subject: s\r\n\r\nb\r\n"
+    content = BytesContent(b"Subject: s\r\n\r\nb\r\n")
     result = await session.send("a@x.test", ("ok@y.test", "gone@y.test"), content)
     assert {r: (phase.value, reply.code) for r, (phase, reply) in result.replies.items()} == {
         "ok@y.test": ("data", 250),

@@ -8,6 +8,7 @@ import pytest
 
 from relayd.core.routing import Refusal
 from relayd.inbound.headers import (
+    CheckedHeader,
     HeaderPolicy,
     apply_header_policy,
     parse_fields,
@@ -49,7 +50,8 @@ REWRITTEN = HeaderPolicy(
 
 
 def apply(head: bytes, policy: HeaderPolicy = POLICY) -> bytes | Refusal:
-    return apply_header_policy(head, policy, now=NOW, message_id=MSGID)
+    result = apply_header_policy(head, policy, now=NOW, message_id=MSGID)
+    return result.head if isinstance(result, CheckedHeader) else result
 
 
 # -- accepted: the received bytes come back unchanged, with any added fields on top -----
@@ -109,9 +111,10 @@ def test_added_from_uses_from_name(from_name: str | None, line: bytes) -> None:
 
 
 def test_generated_message_id_and_date() -> None:
-    result = apply_header_policy(b"From: alice@acme.example\r\n", POLICY)
-    assert isinstance(result, bytes)
-    fields = {f.name: f.value() for f in parse_fields(result)}
+    checked = apply_header_policy(b"From: alice@acme.example\r\n", POLICY)
+    assert isinstance(checked, CheckedHeader)
+    fields = {f.name: f.value() for f in parse_fields(checked.head)}
+    assert checked.message_id == fields["message-id"]
     assert fields["message-id"].startswith("<") and fields["message-id"].endswith(
         "@app01.acme.example>"
     )
@@ -232,3 +235,12 @@ def test_single_mailbox(value: str, expected: tuple[str, str] | str) -> None:
 )
 def test_fast_path_agrees_with_the_parser(value: str) -> None:
     assert single_mailbox(value) == parse_mailbox(value)
+
+
+def test_the_message_id_a_message_has_is_found_once_at_reception() -> None:
+    head = b"From: alice@acme.example\r\nMessage-ID:\r\n <abc.def@app.example>\r\n"
+    checked = apply_header_policy(head, POLICY, now=NOW)
+    assert isinstance(checked, CheckedHeader)
+    assert checked.message_id == "<abc.def@app.example>"  # unfolded (RFC 5322 §2.2.3)
+    assert checked.head.endswith(head)  # relayed as received
+    assert b"Message-ID" not in checked.head[: -len(head)]  # none added

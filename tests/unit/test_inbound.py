@@ -22,9 +22,10 @@ from factories import make_account, make_client, make_config, make_tenant
 
 from relayd.config.model import AuthPolicy, Config, ListenerConfig, TlsMode
 from relayd.core.envelope import Envelope
+from relayd.core.queues import Queue
 from relayd.errors import SpoolError
 from relayd.inbound.handler import InboundHandler, LoginGuard
-from relayd.inbound.listeners import Listeners, start_listeners
+from relayd.inbound.listeners import Listeners, bind_listeners, start_listeners
 from relayd.inbound.server import RelaySMTP, auth_offered, read_data_section, with_enhanced_code
 from relayd.passwords import hash_password
 from relayd.spool.store import GroupCommitter, Reception, Spool
@@ -150,7 +151,7 @@ class Relay:
         return sorted(os.listdir(self.spool.root / queue))
 
     def message(self, queue_id: str) -> tuple[Envelope, bytes]:
-        stored = self.spool.load(queue_id, "incoming")
+        stored = self.spool.load(queue_id, Queue.INCOMING)
         return stored.envelope, stored.read_content()
 
 
@@ -167,8 +168,10 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         spool.prepare()
         queued: list[str] = []
         local = frozenset({"localhost", HELO})
-        handler = InboundHandler(config, spool, queued.append, local)
-        relay = Relay(handler, await start_listeners(config, handler), spool, queued)
+        handler = InboundHandler(config, spool, lambda qid, account: queued.append(qid), local)
+        relay = Relay(
+            handler, await start_listeners(handler, bind_listeners(config.listeners)), spool, queued
+        )
         relays.append(relay)
         return relay
 
@@ -519,7 +522,7 @@ class FullReception(Reception):
 
 class FullSpool(Spool):
     def receive(self, envelope: Envelope) -> Reception:
-        return FullReception(self, envelope)
+        return FullReception(envelope, self.root / "tmp" / envelope.queue_id, self.committer)
 
 
 class BrokenCommitter(GroupCommitter):
@@ -538,7 +541,7 @@ async def test_spool_failure_is_452_and_leaves_no_file(
 ) -> None:
     spool = FullSpool(tmp_path) if where == "write" else Spool(tmp_path)
     if where == "commit":
-        spool.committer = BrokenCommitter(spool)
+        spool.committer = BrokenCommitter(spool.directory(Queue.INCOMING))
     relay = await start(spool=spool)
     client = await relay.connect()
     await client.start_message()

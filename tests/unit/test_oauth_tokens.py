@@ -13,6 +13,7 @@ import pytest
 from factories import make_account
 
 from relayd.config.model import AccountConfig, OAuthConfig, Secret
+from relayd.core.health import credentials_fingerprint
 from relayd.core.outcome import Phase, Reply, Verdict, classify_reply
 from relayd.oauth import registry as registry_module
 from relayd.oauth.registry import TokenSources
@@ -27,7 +28,6 @@ from relayd.oauth.tokens import (
     needs_refresh,
 )
 from relayd.oauth.xoauth2 import error_challenge_status, xoauth2_response
-from relayd.spool.accounts import credentials_fingerprint
 
 NOW = 1_800_000_000.0
 

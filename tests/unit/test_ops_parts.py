@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from factories import make_account, make_config
 
+from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+from relayd.inbound.maildrop import Drop, encode_drop, parse_drop
 from relayd.metrics import Registry
-from relayd.ops.alerts import IncidentBook
-from relayd.ops.events import is_tls_failure
+from relayd.ops.alerts import Alert, IncidentBook
 from relayd.ops.hints import hint_for
-from relayd.ops.maildrop import Drop, encode_drop, parse_drop
+from relayd.ops.service import OperatorEvents
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,29 @@ def test_maildrop_format_round_trip_and_refusals():
             parse_drop(raw)
 
 
-def test_tls_failures_are_recognised():
-    assert is_tls_failure("tls: certificate not trusted: hostname mismatch")
-    assert is_tls_failure("server does not offer STARTTLS")
-    assert not is_tls_failure("network during connect: refused")
+class RecordingAlerts:
+    def __init__(self) -> None:
+        self.raised: list[str] = []
+
+    def raise_alert(self, alert: Alert, *, cool_down: float = 0.0) -> bool:
+        self.raised.append(alert.kind)
+        return True
+
+    def close(self, incident: str) -> None:
+        pass
+
+
+def test_tls_failures_are_recognised_by_their_kind():
+    alerts = RecordingAlerts()
+    events = OperatorEvents(alerts, make_config)
+    account = make_account("alice@acme.example")
+    events.connection_failed(
+        account, Failure(Phase.TLS, FailureKind.TLS, "certificate not trusted: hostname mismatch")
+    )
+    events.connection_failed(
+        account, Failure(Phase.TLS, FailureKind.NO_STARTTLS, "server does not offer STARTTLS")
+    )
+    assert alerts.raised == ["tls_failed", "tls_failed"]
+    events.connection_failed(account, Failure(Phase.CONNECT, FailureKind.NETWORK, "refused"))
+    events.connection_failed(account, Reply(554, "5.7.0 TLS handshake failed, go away"))
+    assert alerts.raised == ["tls_failed", "tls_failed"]  # no TLS failure: no alert

@@ -1,6 +1,6 @@
 """Start-up with a big spool, and new mail announced by the accepting processes.
 
-Recovery only lists names; the scheduler reads envelopes after READY (relayd.spool.intake).
+Recovery only lists names; the scheduler reads envelopes after READY (relayd.queue.intake).
 A damaged file is still quarantined and never sent, whether the intake or the attempt finds
 it; an announced message is queued without its file being read, and the attempt checks it.
 """
@@ -13,39 +13,43 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import make_account, make_config, make_envelope, make_tenant
+from factories import make_account, make_config, make_envelope, make_tenant, place
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.outcome import Verdict
 from relayd.core.states import RecipientResult
+from relayd.queue.arrivals import Inlet
+from relayd.queue.scheduler import Scheduler
 from relayd.spool.accounts import AccountStore
-from relayd.spool.scheduler import Scheduler
 from relayd.spool.store import Spool
 from relayd.upstream.dataphase import ContentSource
 from relayd.upstream.delivery import AccountSignal, AttemptReport
+from relayd.upstream.transport import Transport
 
 CONTENT = b"From: alice@acme.example\r\nSubject: queued\r\n\r\nHello\r\n"
 
 
 class RecordingDeliverer:
-    """Stands in for relayd.upstream.delivery.Deliverer: every attempt succeeds."""
+    """Stands in for relayd.upstream.delivery.UpstreamDeliverer: every attempt succeeds."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[tuple[str, ...], bytes]] = []
+
+    def new_transport(self, account: AccountConfig) -> Transport:
+        raise AssertionError("no probe in these tests")
 
     async def attempt(
         self,
         account: AccountConfig,
         sender: str,
         pending: tuple[str, ...],
-        content: bytes | ContentSource,
-        session: Any,
+        content: ContentSource,
+        transport: Transport | None,
         *,
         smtputf8: bool = False,
-    ) -> tuple[AttemptReport, None]:
-        data = content if isinstance(content, bytes) else b"".join(content.iter_content())
-        self.sent.append((pending, data))
+    ) -> tuple[AttemptReport, Transport | None]:
+        self.sent.append((pending, b"".join(content.iter_content())))
         results = [RecipientResult(r, Verdict.DELIVERED, "2.0.0", "250 2.0.0 ok") for r in pending]
         return AttemptReport(results, "sink:25", AccountSignal.LOGIN_OK), None
 
@@ -66,10 +70,7 @@ def scheduler_for(spool: Spool, deliverer: RecordingDeliverer) -> Scheduler:
     accounts = AccountStore(spool.root.parent, fsync=False)
     accounts.prepare()
     return Scheduler(
-        config=config(),
-        spool=spool,
-        accounts=accounts,
-        deliverer=deliverer,  # type: ignore[arg-type]
+        config=config(), spool=spool, accounts=accounts, deliverer=deliverer, inlet=Inlet()
     )
 
 
@@ -78,7 +79,7 @@ async def spool_message(spool: Spool, envelope: Envelope, queue: str = "incoming
     reception.write(CONTENT + envelope.queue_id.encode())
     qid = await reception.commit()
     if queue != "incoming":
-        spool.move(qid, "incoming", queue)
+        place(spool, qid, queue)
     return qid
 
 
@@ -135,8 +136,7 @@ async def test_a_file_damaged_after_intake_is_quarantined_at_the_attempt(spool: 
     qid = await spool_message(spool, make_envelope())
     damage(spool, qid, "incoming")
     # Announced with its account by an accepting process: queued without reading the file.
-    scheduler.expect(qid, "alice@acme.example")
-    scheduler.accept_new(qid)
+    scheduler.new_mail(qid, "alice@acme.example")
     await settle(scheduler, spool, lambda: names(spool, "corrupt") == [qid])
     assert deliverer.sent == []
     assert names(spool, "corrupt") == [qid]
@@ -154,10 +154,9 @@ async def test_an_announced_message_is_queued_without_reading_its_file(
         raise AssertionError("the announcement names the account")
 
     monkeypatch.setattr(spool, "load_if_present", no_reading)
-    scheduler.expect(qid, "alice@acme.example")
-    scheduler.accept_new(qid)
-    scheduler.accept_new(qid)  # announced and found by a scan as well: queued once
-    scheduler.submit(qid)
+    scheduler.new_mail(qid, "alice@acme.example")
+    scheduler.new_mail(qid)  # announced and found by a scan as well: queued once
+    scheduler.requeued(qid)
     await settle(scheduler, spool, lambda: bool(deliverer.sent) and not names(spool, "incoming"))
     assert [content for _, content in deliverer.sent] == [CONTENT + qid.encode()]
     assert names(spool, "incoming") == names(spool, "active") == []

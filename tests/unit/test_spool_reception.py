@@ -18,8 +18,10 @@ import pytest
 from factories import make_envelope
 
 import relayd.spool.reception as reception_module
+import relayd.spool.spares as spares_module
 import relayd.spool.store as store_module
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.queues import Queue
 from relayd.spool.reception import Reception
 from relayd.spool.store import Spool
 
@@ -77,7 +79,7 @@ async def test_in_loop_commits_are_batched_durable_and_in_order(
         # File fsync'd, then renamed, then the directory fsync'd, and only then the 250.
         assert synced < moved < acked
         assert any(moved < n < acked for n in directory_syncs), qid
-        assert spool.load(qid, "incoming").read_content() == MESSAGE + b"%d\r\n" % i
+        assert spool.load(qid, Queue.INCOMING).read_content() == MESSAGE + b"%d\r\n" % i
 
 
 async def test_a_slow_disk_sends_the_commits_to_a_thread(
@@ -87,9 +89,9 @@ async def test_a_slow_disk_sends_the_commits_to_a_thread(
     threads: list[int] = []
     real_finish = Reception.finish_file
 
-    def finish(self: Reception) -> None:
+    def finish(self: Reception, *, sync: bool = True) -> None:
         threads.append(threading.get_ident())
-        real_finish(self)
+        real_finish(self, sync=sync)
 
     monkeypatch.setattr(Reception, "finish_file", finish)
     for _ in range(2):
@@ -114,7 +116,7 @@ async def test_spare_files_are_taken_renamed_and_refilled(spool: Spool) -> None:
     await reception.commit()
     await asyncio.sleep(0)  # the refill runs after the batch has answered
     assert len(names(spool, "spare")) == 2
-    assert spool.load(envelope.queue_id, "incoming").read_content() == MESSAGE
+    assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == MESSAGE
 
     aborted = spool.receive(make_envelope())
     aborted.write(MESSAGE)
@@ -139,7 +141,7 @@ async def test_after_the_commit_the_session_replies_before_anything_else_runs(
         order.append("refill")
         real_refill()
 
-    spool.spares.refill = refill  # type: ignore[method-assign]
+    spool.committer.after_batch = refill  # what the committer calls after each batch
 
     async def session(i: int) -> None:
         reception = spool.receive(make_envelope())
@@ -168,7 +170,7 @@ async def test_a_session_cancelled_during_its_commit_leaves_the_message_queued(
     await asyncio.wait_for(durable.wait(), 5)
     assert waiting.cancelled()
     assert names(spool, "incoming") == [envelope.queue_id] and names(spool, "tmp") == []
-    assert spool.load(envelope.queue_id, "incoming").read_content() == MESSAGE
+    assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == MESSAGE
 
 
 async def test_when_the_spares_run_out_a_reception_creates_its_file(spool: Spool) -> None:
@@ -198,7 +200,7 @@ async def test_small_content_is_written_in_one_call_at_commit(
     await reception.commit()
     assert len(calls) == 1
     expected = b"".join(b"line %d\r\n" % i for i in range(100))
-    assert spool.load(envelope.queue_id, "incoming").read_content() == expected
+    assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == expected
 
 
 def test_the_envelope_json_holds_every_field() -> None:
@@ -221,8 +223,8 @@ async def test_a_delivered_file_is_reused_and_keeps_nothing_of_its_old_message(
         reception = main.receive(envelope)
         reception.write(content)
         await reception.commit()
-        main.move(envelope.queue_id, "incoming", "active")
-        main.retire(envelope.queue_id, "active")
+        main.move(envelope.queue_id, Queue.INCOMING, Queue.ACTIVE)
+        main.retire(envelope.queue_id, Queue.ACTIVE)
     assert names(main, "free") == sorted(e.queue_id for e in old)
     assert names(main, "active") == []
     inodes = {(main.root / "free" / e.queue_id).stat().st_ino for e in old}
@@ -240,7 +242,7 @@ async def test_a_delivered_file_is_reused_and_keeps_nothing_of_its_old_message(
     reused = {(spool.root / "incoming" / e.queue_id).stat().st_ino for e in new.values()}
     assert reused == inodes  # the same files, no new inode
     for content, envelope in new.items():
-        msg = spool.load(envelope.queue_id, "incoming")  # whole: trailer and length check
+        msg = spool.load(envelope.queue_id, Queue.INCOMING)  # whole: trailer and length check
         assert msg.read_content() == content
         data = (spool.root / "incoming" / envelope.queue_id).read_bytes()
         assert b"OLD" not in data and b"old" not in data
@@ -258,7 +260,7 @@ async def test_free_files_are_bounded_and_removed_at_start(
         reception.write(MESSAGE)
         await reception.commit()
         spool.write_state(envelope.queue_id, DeliveryState(attempts=1))
-        spool.retire(envelope.queue_id, "incoming")
+        spool.retire(envelope.queue_id, Queue.INCOMING)
     assert len(names(spool, "free")) == 2  # the others were deleted
     assert names(spool, "incoming") == names(spool, "state") == []
     spool.recover()
@@ -272,7 +274,7 @@ async def test_without_accepting_processes_done_files_are_deleted(tmp_path: Path
     reception = spool.receive(envelope)
     reception.write(MESSAGE)
     await reception.commit()
-    spool.retire(envelope.queue_id, "incoming")
+    spool.retire(envelope.queue_id, Queue.INCOMING)
     assert names(spool, "incoming") == names(spool, "free") == []
 
 
@@ -284,15 +286,15 @@ def test_accepting_processes_take_their_own_shares_of_the_free_files_first(
     names_in_free = [f"0660C47B815188{i:06X}" for i in range(40)]
     for name in names_in_free:
         (spool.root / "free" / name).write_bytes(b"old")
-    first = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (0, 2))
-    second = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (1, 2))
+    first = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (0, 2))
+    second = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (1, 2))
     first.refill()
     second.refill()
     for pool in (first, second):
         assert len(pool._ready) == 10
         assert all(reused for _, _, reused in pool._ready)
     left = names(spool, "free")  # ten of each share: neither took from the other's
-    assert sorted(reception_module._share_of(name, 2) for name in left) == [0] * 10 + [1] * 10
+    assert sorted(spares_module._share_of(name, 2) for name in left) == [0] * 10 + [1] * 10
     first.close()
     second.close()
 
@@ -302,7 +304,7 @@ def test_a_lone_accepting_process_also_takes_the_others_free_files(tmp_path: Pat
     spool.prepare()
     for i in range(6):
         (spool.root / "free" / f"0660C47B815188{2 * i + 1:06X}").write_bytes(b"old")  # odd
-    lone = reception_module.SpareFiles(spool.root / "spare", spool.root / "free", 4, (0, 2))
+    lone = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 4, (0, 2))
     # Another process took one of the listed files first: skipped, not an error.
     lone._reuse(spool.root / "spare" / "probe")
     os.unlink(spool.root / "spare" / "probe")

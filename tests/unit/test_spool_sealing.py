@@ -11,6 +11,7 @@ import pytest
 from factories import make_envelope
 
 from relayd.core.envelope import DeliveryState
+from relayd.core.queues import Queue
 from relayd.errors import SpoolError
 from relayd.spool.sealing import SEGMENT, FileCipher, SpoolKey, plaintext_length
 from relayd.spool.store import Spool
@@ -103,7 +104,7 @@ async def test_a_sealed_message_shows_nothing_on_disk_and_reads_back_exactly(
     for clear in (b"secret", b"invoice", b"alice.secret", b"bob@example.net"):
         assert clear not in raw
     for preload in (0, 1 << 22):  # streamed from the file, and read whole with the envelope
-        msg = spool.load(queue_id, "incoming", preload=preload)
+        msg = spool.load(queue_id, Queue.INCOMING, preload=preload)
         assert msg.envelope.sender == "alice.secret@acme.example"
         assert msg.content_length == len(content)
         assert msg.read_content() == content
@@ -116,16 +117,18 @@ async def test_plain_files_stay_readable_and_sealed_ones_need_the_key(tmp_path: 
     plain_id = await store(plain, b"Subject: before\r\n\r\nwritten in clear\r\n")
     sealing = sealed_spool(tmp_path)
     sealed_id = await store(sealing, b"Subject: after\r\n\r\nsealed\r\n")
-    assert sealing.load(plain_id, "incoming").read_content().endswith(b"in clear\r\n")
+    assert sealing.load(plain_id, Queue.INCOMING).read_content().endswith(b"in clear\r\n")
     # encrypt_at_rest turned off, key kept: old sealed files open, new ones are plain.
     opening = sealed_spool(tmp_path, key=SpoolKey(b"k" * 32, seal_new=False))
-    assert opening.load(sealed_id, "incoming").read_content().endswith(b"sealed\r\n")
+    assert opening.load(sealed_id, Queue.INCOMING).read_content().endswith(b"sealed\r\n")
     later_id = await store(opening, b"Subject: later\r\n\r\nclear again\r\n")
     assert b"clear again" in (opening.root / "incoming" / later_id).read_bytes()
     with pytest.raises(SpoolError, match="none is configured"):
-        plain.load(sealed_id, "incoming")
+        plain.load(sealed_id, Queue.INCOMING)
     with pytest.raises(SpoolError, match=r"does not open with spool\.key"):
-        sealed_spool(tmp_path, key=SpoolKey(b"j" * 32, seal_new=True)).load(sealed_id, "incoming")
+        sealed_spool(tmp_path, key=SpoolKey(b"j" * 32, seal_new=True)).load(
+            sealed_id, Queue.INCOMING
+        )
 
 
 async def test_a_damaged_sealed_file_is_quarantined_at_start(tmp_path: Path) -> None:
@@ -139,10 +142,10 @@ async def test_a_damaged_sealed_file_is_quarantined_at_start(tmp_path: Path) -> 
     os.chmod(path, 0o600)
     report = spool.recover()
     assert report.quarantined == 0  # the end record still matches: the damage is inside
-    msg = spool.load(bad, "incoming")
+    msg = spool.load(bad, Queue.INCOMING)
     with pytest.raises(SpoolError, match="does not open"):
         b"".join(msg.iter_content())
-    assert spool.load(good, "incoming").read_content() == BIG
+    assert spool.load(good, Queue.INCOMING).read_content() == BIG
 
 
 def test_delivery_state_is_sealed_too_and_read_back(
@@ -176,7 +179,7 @@ async def test_a_reused_file_keeps_nothing_of_its_old_sealed_message(tmp_path: P
     spool = Spool(tmp_path, key=KEY, commit_in_loop=True, spare_files=1, reuse_files=True)
     spool.prepare()
     old_id = await store(spool, BIG)
-    spool.retire(old_id, "incoming", has_state=False)
+    spool.retire(old_id, Queue.INCOMING, has_state=False)
     assert os.listdir(spool.root / "free") == [old_id]
     assert spool.spares is not None
     spool.spares.close()  # the new spare made after the commit: gone, so free/ is used
@@ -186,5 +189,5 @@ async def test_a_reused_file_keeps_nothing_of_its_old_sealed_message(tmp_path: P
     small = b"Subject: short\r\n\r\nafter a long one\r\n"
     new_id = await store(spool, small)
     path = spool.root / "incoming" / new_id
-    assert spool.load(new_id, "incoming").read_content() == small
+    assert spool.load(new_id, Queue.INCOMING).read_content() == small
     assert path.stat().st_size < 1024  # cut to the new message's length

@@ -14,14 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from factories import make_envelope
+from factories import make_envelope, place
 
 import relayd.spool.store as store_module
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.queues import Queue
 from relayd.errors import SpoolError
-from relayd.spool.store import QUEUES, GroupCommitter, Reception, Spool, new_queue_id
+from relayd.spool.reception import GroupCommitter, Reception
+from relayd.spool.store import Spool, new_queue_id
 
-DIRS = ("tmp", *QUEUES, "state")
+DIRS = ("tmp", *(q.value for q in Queue), "state")
 TRAILER_LEN = len(b"\r\nRELAYD-END ") + 16 + 2
 MESSAGE = b"From: alice@acme.example\r\nSubject: hi\r\n\r\nHello\r\n.dot line\r\n"
 
@@ -64,7 +66,7 @@ def test_prepare_creates_private_directories(tmp_path: Path) -> None:
     assert mode(spool.root) == 0o700
     for name in DIRS:
         assert mode(spool.root / name) == 0o700, name
-    assert spool.counts() == dict.fromkeys(QUEUES, 0)
+    assert spool.counts() == dict.fromkeys(Queue, 0)
 
 
 # -- receive, write, commit, load ----------------------------------------------------------------
@@ -93,10 +95,10 @@ async def test_commit_puts_the_exact_message_in_incoming(
     assert names(spool, "incoming") == [qid]
     assert names(spool, "tmp") == []
     assert mode(spool.root / "incoming" / qid) == 0o600
-    assert spool.locate(qid) == "incoming"
-    msg = spool.load(qid, "incoming")
+    assert spool.locate(qid) == Queue.INCOMING
+    msg = spool.load(qid, Queue.INCOMING)
     assert msg.envelope == envelope
-    assert msg.queue == "incoming"
+    assert msg.queue is Queue.INCOMING
     assert msg.content_length == len(content)
     assert msg.read_content() == content
     assert b"".join(msg.iter_content(chunk_size=7)) == content
@@ -124,7 +126,7 @@ async def test_receive_errors_are_spool_errors(tmp_path: Path, spool: Spool) -> 
         spool.receive(envelope)  # the same queue id twice
     first.write(MESSAGE)
     assert await first.commit() == envelope.queue_id
-    assert spool.load(envelope.queue_id, "incoming").read_content() == MESSAGE
+    assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == MESSAGE
     with pytest.raises(SpoolError):
         Spool(tmp_path / "never-prepared").receive(make_envelope())
 
@@ -140,14 +142,14 @@ def test_new_queue_id() -> None:
 async def test_move_and_remove(spool: Spool) -> None:
     qid = await store(spool, MESSAGE)
     spool.write_state(qid, DeliveryState(attempts=1))
-    spool.move(qid, "incoming", "deferred")
+    place(spool, qid, Queue.DEFERRED)
     assert names(spool, "incoming") == []
-    assert spool.locate(qid) == "deferred"
-    assert spool.load(qid, "deferred").read_content() == MESSAGE
-    spool.remove(qid, "deferred")
+    assert spool.locate(qid) == Queue.DEFERRED
+    assert spool.load(qid, Queue.DEFERRED).read_content() == MESSAGE
+    spool.remove(qid, Queue.DEFERRED)
     assert spool.locate(qid) is None
     assert names(spool, "state") == []
-    spool.remove(qid, "deferred")  # already gone: no error
+    spool.remove(qid, Queue.DEFERRED)  # already gone: no error
 
 
 # -- group commit ---------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ async def test_concurrent_commits_are_batched_and_each_durable(
             batches.append([r.queue_id for r in receptions])
             return super()._sync_batch(receptions)
 
-    spool.committer = CountingCommitter(spool)
+    spool.committer = CountingCommitter(spool.directory(Queue.INCOMING))
     events: list[tuple[str, ...]] = []  # list.append is atomic: threads may record too
     real_fsync, real_rename = os.fsync, os.rename
 
@@ -198,7 +200,7 @@ async def test_concurrent_commits_are_batched_and_each_durable(
     incoming_syncs = [n for n, e in enumerate(events) if e == ("fsync", f"{root}/incoming")]
     assert 1 <= len(incoming_syncs) < 50
     for i, qid in enumerate(qids):
-        msg = spool.load(qid, "incoming")
+        msg = spool.load(qid, Queue.INCOMING)
         assert msg.read_content() == b"Subject: %d\r\n\r\n" % i + b"body %d\r\n" % i * (i + 1)
         tmp, final = f"{root}/tmp/{qid}", f"{root}/incoming/{qid}"
         synced = events.index(("fsync", tmp))
@@ -220,11 +222,11 @@ async def test_a_cancelled_commit_does_not_fail_the_rest_of_its_batch(
     first = receptions[0]
     real_finish = Reception.finish_file
 
-    def gated_finish(self: Reception) -> None:
+    def gated_finish(self: Reception, *, sync: bool = True) -> None:
         if self is first:
             entered.set()
             release.wait(10)
-        real_finish(self)
+        real_finish(self, sync=sync)
 
     monkeypatch.setattr(Reception, "finish_file", gated_finish)
     tasks = [asyncio.create_task(r.commit()) for r in receptions]
@@ -238,7 +240,7 @@ async def test_a_cancelled_commit_does_not_fail_the_rest_of_its_batch(
     results = await asyncio.gather(tasks[0], tasks[2], return_exceptions=True)
     assert results == [receptions[0].queue_id, receptions[2].queue_id]
     for qid in results:
-        assert spool.load(str(qid), "incoming").read_content() == MESSAGE
+        assert spool.load(str(qid), Queue.INCOMING).read_content() == MESSAGE
 
 
 # -- recovery at start ----------------------------------------------------------------------------
@@ -284,23 +286,23 @@ async def test_recover_quarantines_damaged_files(
     good = {q: await store(spool, MESSAGE + q.encode()) for q in ("incoming", "deferred", "hold")}
     for q, qid in good.items():
         if q != "incoming":
-            spool.move(qid, "incoming", q)
+            place(spool, qid, q)
     bad = await store(spool, MESSAGE * 3)
     path = spool.root / "incoming" / bad
     path.write_bytes(corrupt(path.read_bytes()))
     if queue != "incoming":
-        spool.move(bad, "incoming", queue)
+        place(spool, bad, queue)
 
     report = spool.recover()
 
     assert names(spool, "corrupt") == [bad]
-    assert spool.locate(bad) == "corrupt"
+    assert spool.locate(bad) == Queue.CORRUPT
     assert report.quarantined == 1
     assert report.queued == 3
     assert report.requeued_active == (1 if queue == "active" else 0)
     for q, qid in good.items():
         assert names(spool, q) == [qid]
-        assert spool.load(qid, q).read_content() == MESSAGE + q.encode()
+        assert spool.load(qid, Queue(q)).read_content() == MESSAGE + q.encode()
     assert names(spool, "active") == []
 
 
@@ -325,7 +327,7 @@ async def test_recover_cleans_tmp_and_requeues_active(spool: Spool) -> None:
     # Messages interrupted mid-delivery go out again (at-least-once).
     active = [await store(spool, MESSAGE + b"%d" % i) for i in range(2)]
     for qid in active:
-        spool.move(qid, "incoming", "active")
+        spool.move(qid, Queue.INCOMING, Queue.ACTIVE)
     waiting = await store(spool, MESSAGE)
 
     report = spool.recover()
@@ -339,7 +341,7 @@ async def test_recover_cleans_tmp_and_requeues_active(spool: Spool) -> None:
     assert names(spool, "incoming") == sorted([*active, waiting])
     assert done not in names(spool, "incoming")
     for i, qid in enumerate(active):
-        assert spool.load(qid, "incoming").read_content() == MESSAGE + b"%d" % i
+        assert spool.load(qid, Queue.INCOMING).read_content() == MESSAGE + b"%d" % i
     # Running it again changes nothing.
     again = spool.recover()
     assert (again.removed_temp, again.requeued_active, again.quarantined, again.queued) == (
@@ -392,7 +394,7 @@ async def test_recover_removes_orphan_state_files(spool: Spool) -> None:
     for queue in ("incoming", "deferred", "hold", "active"):
         qid = await store(spool, MESSAGE)
         if queue != "incoming":
-            spool.move(qid, "incoming", queue)
+            place(spool, qid, queue)
         spool.write_state(qid, DeliveryState(attempts=1, last_reply=queue))
         kept[qid] = queue
     spool.write_state("0000ORPHAN0000000000", DeliveryState(attempts=9))
@@ -462,7 +464,7 @@ async def test_disk_full_while_writing_a_message(tmp_path: Path) -> None:
             assert names(spool, name) == [], name
         # The space is given back: the next message is accepted.
         qid = await store(spool, MESSAGE)
-        assert spool.load(qid, "incoming").read_content() == MESSAGE
+        assert spool.load(qid, Queue.INCOMING).read_content() == MESSAGE
 
 
 async def test_disk_full_at_commit_is_a_spool_error_and_leaves_nothing(tmp_path: Path) -> None:
@@ -482,4 +484,4 @@ async def test_disk_full_at_commit_is_a_spool_error_and_leaves_nothing(tmp_path:
             assert names(spool, name) == [], name
         filler.unlink()
         qid = await store(spool, MESSAGE)
-        assert spool.load(qid, "incoming").read_content() == MESSAGE
+        assert spool.load(qid, Queue.INCOMING).read_content() == MESSAGE

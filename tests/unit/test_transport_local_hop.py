@@ -20,7 +20,8 @@ from factories import make_account
 from relayd.config.model import SmtpServer, TlsMode
 from relayd.core.outcome import Verdict
 from relayd.upstream.credentials import AccountCredentials
-from relayd.upstream.delivery import Deliverer
+from relayd.upstream.dataphase import BytesContent
+from relayd.upstream.delivery import UpstreamDeliverer
 
 
 class Recorder:
@@ -81,9 +82,9 @@ async def test_loopback_hop_without_auth_gets_the_message(
     no_auth_sink: tuple[Recorder, int],
 ) -> None:
     recorder, port = no_auth_sink
-    deliverer = Deliverer(helo_name="relayd.test", credentials=AccountCredentials())
+    deliverer = UpstreamDeliverer(helo_name="relayd.test", credentials=AccountCredentials())
     report, session = await deliverer.attempt(
-        _account(port), "app@example.test", ("rcpt@example.test",), CONTENT, None
+        _account(port), "app@example.test", ("rcpt@example.test",), BytesContent(CONTENT), None
     )
     assert [r.verdict for r in report.results] == [Verdict.DELIVERED]
     assert recorder.messages == [CONTENT]
@@ -95,9 +96,9 @@ async def test_positive_reply_to_auth_is_not_a_delivery(
     bogus_auth_sink: tuple[Recorder, int],
 ) -> None:
     recorder, port = bogus_auth_sink
-    deliverer = Deliverer(helo_name="relayd.test", credentials=AccountCredentials())
+    deliverer = UpstreamDeliverer(helo_name="relayd.test", credentials=AccountCredentials())
     report, session = await deliverer.attempt(
-        _account(port), "app@example.test", ("rcpt@example.test",), CONTENT, None
+        _account(port), "app@example.test", ("rcpt@example.test",), BytesContent(CONTENT), None
     )
     assert [r.verdict for r in report.results] == [Verdict.DEFERRED]
     assert recorder.messages == []

@@ -3,7 +3,7 @@
 Recipients refused for good (or out of retry time) get a "failed" DSN; with
 ``spool.delay_warning``, recipients still waiting that long get one "delayed" DSN. Either is
 filed in the sender's INBOX over IMAP when the account has IMAP (it works while SMTP is down,
-and never lands in Sent), else queued here and sent through the same account to itself. No
+and never lands in Sent), else spooled here and sent through the same account to itself. No
 DSN is ever written about a DSN. What the DSN says is ``relayd.upstream.dsn``; which
 recipients earn one is ``relayd.core.states``.
 """
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from relayd.config.model import AccountConfig
 from relayd.core.envelope import Envelope
 from relayd.core.states import Plan, RecipientResult
-from relayd.spool.store import StoredMessage, new_queue_id
+from relayd.spool.store import Spool, StoredMessage, new_queue_id
+from relayd.sync.filing import FilingStage
 from relayd.upstream.dsn import HEADER_LIMIT, BouncedRecipient, build_dsn
-
-if TYPE_CHECKING:
-    from relayd.spool.scheduler import Scheduler
 
 __all__ = ["SenderNotices"]
 
@@ -36,19 +33,37 @@ DELAYED = (
 
 
 class SenderNotices:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self.reporting_host = scheduler.config.helo_name or socket.getfqdn()
+    """``enqueue(queue id, account)`` hands a DSN spooled in ``incoming/`` to the scheduler."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        filing: FilingStage | None,
+        enqueue: Callable[[str, str | None], None],
+        reporting_host: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.spool = spool
+        self.filing = filing
+        self.enqueue = enqueue
+        self.reporting_host = reporting_host
+        self.clock = clock
 
     async def after_attempt(
-        self, msg: StoredMessage, account: AccountConfig, plan: Plan, logx: dict[str, str]
+        self,
+        msg: StoredMessage,
+        account: AccountConfig,
+        plan: Plan,
+        give_up_after: float,
+        logx: dict[str, str],
     ) -> None:
         relay = plan.state.relay
         if plan.bounce:
             reason = EXPIRED if plan.expired else REFUSED
             await self.send(msg, account, plan.bounce, relay, reason, logx)
         if plan.delayed:
-            until = msg.envelope.received_at + self.scheduler.config.spool.retry.give_up_after
+            until = msg.envelope.received_at + give_up_after
             await self.send(msg, account, plan.delayed, relay, DELAYED, logx, retry_until=until)
 
     async def send(
@@ -68,7 +83,8 @@ class SenderNotices:
         if envelope.is_dsn:
             log.warning("a DSN could not be delivered; no DSN is written about a DSN", extra=logx)
             return
-        head = await asyncio.to_thread(_head_of, msg)
+        # RFC 6522 text/rfc822-headers: the header section is all a DSN carries back.
+        head = await asyncio.to_thread(msg.head_section, HEADER_LIMIT)
         remote_mta = relay.rpartition(":")[0]
         dsn_bytes = build_dsn(
             queue_id=msg.queue_id,
@@ -88,7 +104,7 @@ class SenderNotices:
         # IMAP when the account has IMAP, else sent through the same account to itself.
         dsn_envelope = Envelope(
             queue_id=new_queue_id(),
-            received_at=self.scheduler.clock(),
+            received_at=self.clock(),
             client="relayd",
             peer="local",
             sender=account.address,
@@ -98,7 +114,7 @@ class SenderNotices:
             is_dsn=True,
         )
         kind = "delay" if retry_until is not None else "non-delivery"
-        filing = self.scheduler.filing
+        filing = self.filing
         if filing is not None and await filing.take_dsn(dsn_envelope, dsn_bytes, account):
             log.info(
                 "sender %s notification: %s, for the INBOX over IMAP",
@@ -107,7 +123,7 @@ class SenderNotices:
                 extra=logx,
             )
             return
-        reception = self.scheduler.spool.receive(dsn_envelope)
+        reception = self.spool.receive(dsn_envelope)
         try:
             reception.write(dsn_bytes)
         except OSError:
@@ -116,15 +132,4 @@ class SenderNotices:
             return
         dsn_id = await reception.commit()
         log.info("sender %s notification: %s", kind, dsn_id, extra=logx)
-        self.scheduler.submit(dsn_id)
-
-
-def _head_of(msg: StoredMessage) -> bytes:
-    """The start of the message, up to its header section's end: all a DSN carries back
-    (RFC 6522 text/rfc822-headers), without reading a big message whole."""
-    head = b""
-    for chunk in msg.iter_content():
-        head += chunk
-        if b"\r\n\r\n" in head or len(head) > HEADER_LIMIT:
-            break
-    return head
+        self.enqueue(dsn_id, dsn_envelope.account)

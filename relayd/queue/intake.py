@@ -17,66 +17,78 @@ import logging
 import os
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.queues import AT_START, Queue
 from relayd.errors import SpoolError
 from relayd.spool.store import Spool
 
-if TYPE_CHECKING:
-    from relayd.spool.scheduler import Scheduler
-
-__all__ = ["SpoolIntake"]
+__all__ = ["SpoolIntake", "SpoolRead"]
 
 log = logging.getLogger(__name__)
 
-# Queues whose messages the scheduler owns at start (copy/ belongs to the filing stage).
-QUEUES_AT_START = ("incoming", "deferred", "hold")
 _BATCH = 512
 
 
 @dataclass(frozen=True)
-class _Read:
+class SpoolRead:
+    """What the intake found in one file."""
+
     queue_id: str
-    queue: str
-    envelope: Envelope | None  # None: gone meanwhile
+    queue: Queue
+    envelope: Envelope | None  # None: gone meanwhile, or damaged
     state: DeliveryState | None  # deferred/ only
     problem: str | None = None  # the file is damaged
 
+    @property
+    def account(self) -> str | None:
+        # 100,000 messages, a handful of accounts: one string each.
+        return sys.intern(self.envelope.account) if self.envelope is not None else None
 
-def _read_batch(spool: Spool, batch: list[tuple[str, str]]) -> list[_Read]:
-    found: list[_Read] = []
+
+def _read_batch(spool: Spool, batch: list[tuple[str, Queue]]) -> list[SpoolRead]:
+    found: list[SpoolRead] = []
     for queue_id, queue in batch:
         try:
             msg = spool.load_if_present(queue_id, queue)
         except SpoolError as exc:
-            found.append(_Read(queue_id, queue, None, None, str(exc)))
+            found.append(SpoolRead(queue_id, queue, None, None, str(exc)))
             continue
         if msg is None:
-            found.append(_Read(queue_id, queue, None, None))
+            found.append(SpoolRead(queue_id, queue, None, None))
             continue
-        state = spool.read_state(queue_id) if queue == "deferred" else None
-        found.append(_Read(queue_id, queue, msg.envelope, state))
+        state = spool.read_state(queue_id) if queue is Queue.DEFERRED else None
+        found.append(SpoolRead(queue_id, queue, msg.envelope, state))
     return found
 
 
 class SpoolIntake:
-    def __init__(self, scheduler: Scheduler) -> None:
-        self.scheduler = scheduler
-        self._waiting: deque[tuple[str, str]] = deque()
+    """``take(read)`` is told what each file holds, ``done()`` when all are read."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        take: Callable[[SpoolRead], None],
+        done: Callable[[], None],
+    ) -> None:
+        self.spool = spool
+        self.take = take
+        self.done = done
+        self._waiting: deque[tuple[str, Queue]] = deque()
         self._task: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
         return len(self._waiting)
 
-    def list_spool(self) -> int:
-        """Names only: every queued message becomes known to the scheduler; the count."""
-        spool = self.scheduler.spool
-        for queue in QUEUES_AT_START:
-            for name in sorted(os.listdir(spool.root / queue)):  # oldest first
-                if self.scheduler.reserve(name, queue):
+    def list_spool(self, reserve: Callable[[str, Queue], bool]) -> int:
+        """Names only: ``reserve`` makes each queued message known; the count listed."""
+        for queue in AT_START:
+            for name in sorted(os.listdir(self.spool.directory(queue))):  # oldest first
+                if reserve(name, queue):
                     self._waiting.append((name, queue))
         return len(self._waiting)
 
@@ -89,33 +101,18 @@ class SpoolIntake:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        spool = self.scheduler.spool
         total = len(self._waiting)
         while self._waiting:
             batch = [self._waiting.popleft() for _ in range(min(_BATCH, len(self._waiting)))]
             try:
-                found = await asyncio.to_thread(_read_batch, spool, batch)
+                found = await asyncio.to_thread(_read_batch, self.spool, batch)
             except Exception:
                 log.exception("reading the spool at start failed; retrying")
                 self._waiting.extendleft(reversed(batch))
                 await asyncio.sleep(1.0)
                 continue
             for item in found:
-                self._take(item)
+                self.take(item)
         if total:
             log.info("spool read: %d queued messages taken in", total)
-        self.scheduler.intake_done()
-
-    def _take(self, item: _Read) -> None:
-        scheduler = self.scheduler
-        if not scheduler.is_reserved(item.queue_id, item.queue):
-            return  # moved or deleted meanwhile (an operator's command): no longer ours
-        if item.problem is not None:
-            scheduler.spool.quarantine(item.queue_id, item.queue, item.problem)
-            scheduler.forget(item.queue_id)
-            return
-        if item.envelope is None:
-            scheduler.forget(item.queue_id)
-            return
-        account = sys.intern(item.envelope.account)  # 100,000 messages, a handful of accounts
-        scheduler.place(item.queue_id, item.queue, account, item.state)
+        self.done()

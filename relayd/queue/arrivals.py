@@ -1,4 +1,9 @@
-"""How accepting processes tell the one scheduling process about new mail.
+"""How news of mail in ``incoming/`` reaches the one scheduler (Postfix's qmgr trigger).
+
+Inside the main process, whoever puts a message into ``incoming/`` (an SMTP session of its
+own, the maildrop, an alert, a DSN that could not be filed) tells the ``Inlet``. Accepting
+processes tell the main process over a socket, and its ``ArrivalInbox`` passes what it hears
+on to the ``Inlet`` too.
 
 An accepting process announces each queue id it answered 250 for with a datagram on a unix
 socket pair made before it was forked (``announcer``/``inbox`` ends). A datagram is a hint,
@@ -24,7 +29,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["Announcer", "ArrivalInbox", "arrival_channel"]
+__all__ = ["Announcer", "ArrivalInbox", "Inlet", "arrival_channel"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,44 @@ _READY = b"+ready:"
 # Under the smallest datagram limit of a unix socket pair with default buffers.
 _MAX_DATAGRAM = 32 * 1024
 SCAN_SECONDS = 2.0
+
+
+class Inlet:
+    """The scheduler's door for mail that is durable in ``incoming/``.
+
+    ``new_mail``: accepted and never attempted (no delivery state yet); the account, when
+    the caller knows it, spares reading the file. ``requeued``: back in ``incoming/`` with a
+    history (a DSN that goes out over SMTP after all). The scheduler connects once, when it
+    is built; what arrives before that waits here.
+    """
+
+    def __init__(self) -> None:
+        self._new: Callable[[str, str | None], None] | None = None
+        self._requeued: Callable[[str], None] | None = None
+        self._early: list[tuple[str, str | None, bool]] = []
+
+    def connect(
+        self, new_mail: Callable[[str, str | None], None], requeued: Callable[[str], None]
+    ) -> None:
+        self._new, self._requeued = new_mail, requeued
+        early, self._early = self._early, []
+        for queue_id, account, fresh in early:
+            if fresh:
+                new_mail(queue_id, account)
+            else:
+                requeued(queue_id)
+
+    def new_mail(self, queue_id: str, account: str | None = None) -> None:
+        if self._new is None:
+            self._early.append((queue_id, account, True))
+            return
+        self._new(queue_id, account)
+
+    def requeued(self, queue_id: str) -> None:
+        if self._requeued is None:
+            self._early.append((queue_id, None, False))
+            return
+        self._requeued(queue_id)
 
 
 def arrival_channel() -> tuple[socket.socket, socket.socket]:

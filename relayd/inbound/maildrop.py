@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from relayd.config.model import ListenerConfig
 from relayd.core.lines import to_crlf
 from relayd.core.routing import (
     Refusal,
@@ -35,8 +34,9 @@ from relayd.core.routing import (
     decide_route,
     identify_client,
 )
-from relayd.inbound.data import NUL_REPLY, SIZE_REPLY, HeaderSection
-from relayd.inbound.handler import InboundHandler, RelaySession, Transaction
+from relayd.inbound.data import SIZE_REPLY
+from relayd.inbound.handler import InboundHandler
+from relayd.inbound.submission import MessageSink, Submission, submit_whole
 from relayd.unixsocket import unix_user
 
 __all__ = [
@@ -131,15 +131,6 @@ def prepare_maildrop(state_directory: Path) -> Path:
     refused = state_directory / "maildrop.refused"
     refused.mkdir(mode=0o700, exist_ok=True)
     return directory
-
-
-class _DropSession(RelaySession):
-    @property
-    def peer_text(self) -> str:
-        return "maildrop"
-
-
-_DROP_LISTENER = ListenerConfig.local(Path("maildrop"), "maildrop")
 
 
 class MaildropPickup:
@@ -248,31 +239,16 @@ class MaildropPickup:
                 return f"{refusal.reply} <{rcpt}>"
             if rcpt.lower() not in (r.lower() for r in recipients):
                 recipients.append(rcpt)
-        content = to_crlf(drop.content)  # as the SMTP listener does; bare LF is the rule here
-        if b"\x00" in content:
-            return NUL_REPLY
-        if len(content) > config.spool.max_message_size:
-            return SIZE_REPLY
-        session = _DropSession(asyncio.get_running_loop(), _DROP_LISTENER)
-        session.unix_user = owner
-        tx = Transaction()
-        tx.config, tx.client, tx.route = config, client, decision
-        tx.original_sender = drop.sender
-        tx.mail_from = drop.sender
-        tx.rcpt_tos = recipients
-        tx.smtp_utf8 = not all(a.isascii() for a in (drop.sender, *recipients))
-        sink = handler.open_message(session, tx)
-        section = HeaderSection()
-        split = section.feed(content) or section.finish()
-        if split is None:
-            return "552 5.3.4 Header section too large"
-        try:
-            refusal_reply = sink.start(*split)
-            if refusal_reply is not None:
-                return refusal_reply
-            await sink.commit()
-        except OSError as exc:
-            sink.abort()
-            log.error("cannot spool a maildrop message: %s", exc)
-            return "452 4.3.1 Insufficient system storage"
-        return f"250 2.0.0 queued as {sink.envelope.queue_id}"
+        submission = Submission(
+            config=config,
+            client=client,
+            route=decision,
+            original_sender=drop.sender,
+            recipients=tuple(recipients),
+            peer="maildrop",
+            smtputf8=not all(a.isascii() for a in (drop.sender, *recipients)),
+            local_hostnames=handler.local_hostnames,
+        )
+        sink = MessageSink(submission, handler.spool, handler.on_queued)
+        # Line ends to CRLF, as the SMTP listener does (bare LF from scripts is the rule).
+        return await submit_whole(sink, to_crlf(drop.content))

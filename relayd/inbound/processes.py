@@ -27,7 +27,7 @@ import relayd
 from relayd.config.model import Config
 from relayd.inbound.listeners import BoundListener
 from relayd.inbound.worker import SPEC_ENV, WorkerChannels, run_worker
-from relayd.spool.arrivals import arrival_channel
+from relayd.queue.arrivals import arrival_channel
 from relayd.tasks import TaskSet
 
 __all__ = ["AcceptProcesses", "accept_process_count"]

@@ -1,0 +1,79 @@
+"""An account's lane: its ready queue, its connection slots and its sending pace.
+
+Every account has a lane: a ready queue and at most ``limits.max_connections`` workers,
+each keeping its transport open across messages (one login, many messages; Gmail answers
+"454 Too many login attempts" to a login per message). A paused or unhealthy account's
+lane does not run, so it never slows another account. The lane holds the account's
+configuration, resolved once from its address and again at each reload, so an attempt does
+not route the message anew.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from relayd.config.model import AccountConfig, Config
+from relayd.core.routing import find_account
+from relayd.upstream.transport import Transport
+
+__all__ = ["RATE_WINDOW", "Lane", "Lanes"]
+
+# max_messages_per_minute counts the messages started in the last minute.
+RATE_WINDOW = 60.0
+
+
+@dataclass(eq=False)
+class Lane:
+    address: str
+    account: AccountConfig | None  # None: the address is no longer configured
+    ready: deque[str] = field(default_factory=deque)
+    workers: int = 0
+    idle: list[Transport] = field(default_factory=list)
+    started_at: deque[float] = field(default_factory=deque)  # for the per-minute limit
+    logins: int = 0
+    probing: bool = False
+
+    @property
+    def max_connections(self) -> int:
+        return max(1, self.account.limits.max_connections) if self.account is not None else 1
+
+    def wait_for_pace(self, now: float) -> float:
+        """Seconds until the per-minute limit lets one more message start; 0.0 means start
+        now, and the start is counted."""
+        per_minute = self.account.limits.max_messages_per_minute if self.account else 0
+        if per_minute <= 0:
+            return 0.0
+        while self.started_at and self.started_at[0] <= now - RATE_WINDOW:
+            self.started_at.popleft()
+        if len(self.started_at) < per_minute:
+            self.started_at.append(now)
+            return 0.0
+        return self.started_at[0] + RATE_WINDOW - now
+
+    def take_idle(self) -> Transport | None:
+        return self.idle.pop() if self.idle else None
+
+
+class Lanes:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._lanes: dict[str, Lane] = {}
+
+    def of(self, address: str) -> Lane:
+        lane = self._lanes.get(address)
+        if lane is None:
+            lane = self._lanes[address] = Lane(address, find_account(self._config, address))
+        return lane
+
+    def get(self, address: str) -> Lane | None:
+        return self._lanes.get(address)
+
+    def reconfigure(self, config: Config) -> None:
+        self._config = config
+        for lane in self._lanes.values():
+            lane.account = find_account(config, lane.address)
+
+    def __iter__(self) -> Iterator[Lane]:
+        return iter(list(self._lanes.values()))

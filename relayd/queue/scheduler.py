@@ -1,0 +1,473 @@
+"""The one place that schedules delivery (Postfix's qmgr): lanes, timers, pauses.
+
+Messages come in through the ``Inlet`` (accepted here or announced by an accepting process,
+``relayd.queue.arrivals``; relayd's own mail; a DSN that goes out over SMTP after all) and,
+at start, through the intake (``relayd.queue.intake``), which lists the spool before READY
+and reads envelopes after. Each message joins its account's lane (``relayd.queue.lanes``);
+deferred ones wait on one timer heap (``relayd.queue.timers``); one attempt is
+``relayd.queue.attempt``; the operator's commands are ``relayd.queue.commands``, which the
+scheduler serves as their ``QueueView``. What an attempt means is decided in
+``relayd.core``; this module keeps track of where each message is and starts the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relayd.config.model import AccountConfig, Config, SpoolConfig
+from relayd.core.health import AccountHealth, credentials_fingerprint
+from relayd.core.queues import Queue
+from relayd.errors import SpoolError
+from relayd.queue.arrivals import Inlet
+from relayd.queue.attempt import AttemptRunner
+from relayd.queue.events import DeliveryEvents
+from relayd.queue.intake import SpoolIntake, SpoolRead
+from relayd.queue.lanes import Lane, Lanes
+from relayd.queue.notices import SenderNotices
+from relayd.queue.timers import RetryTimers
+from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
+from relayd.spool.store import Spool
+from relayd.sync.filing import FilingStage
+from relayd.tasks import TaskSet
+from relayd.upstream.delivery import Deliverer
+from relayd.upstream.transport import Transport
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+
+IDLE_SESSION_SECONDS = 30.0
+TIMER_TICK_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Where one message is, as far as the scheduler knows."""
+
+    queue: Queue
+    account: str | None = None  # None while only its name is known (start-up intake)
+    fresh: bool = False  # accepted since the start and never attempted: no state file
+    in_line: bool = False  # waiting in its lane's ready queue
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spool: Spool,
+        accounts: AccountStore,
+        deliverer: Deliverer,
+        inlet: Inlet,
+        filing: FilingStage | None = None,
+        events: DeliveryEvents | None = None,
+        consent_of: Callable[[AccountConfig], str] | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        """``consent_of(account)``: the id of the account's OAuth consent in the token store
+        (a new ``relayd auth`` resumes a paused account); ``filing``: Sent copies and DSNs
+        over IMAP (relayd.sync)."""
+        self.config = config
+        self.spool = spool
+        self.deliverer = deliverer
+        self.filing = filing
+        self.consent_of = consent_of
+        self.clock = clock
+        self.rand = rand
+        self.book = HealthBook(accounts)
+        self._tracked: dict[str, _Tracked] = {}
+        self._lanes = Lanes(config)
+        self._timers = RetryTimers()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks = TaskSet()
+        self._timer_task: asyncio.Task[None] | None = None
+        events = events if events is not None else DeliveryEvents()
+        notices = SenderNotices(
+            spool=spool,
+            filing=filing,
+            enqueue=self.new_mail,
+            reporting_host=config.helo_name or socket.getfqdn(),
+            clock=clock,
+        )
+        self._attempts = AttemptRunner(
+            spool=spool,
+            deliverer=deliverer,
+            parking=self,
+            notices=notices,
+            filing=filing,
+            events=events,
+            settings=self._spool_settings,
+            clock=clock,
+            rand=rand,
+        )
+        self.intake = SpoolIntake(spool, take=self._take_read, done=self._release_unpaused_holds)
+        inlet.connect(self.new_mail, self.requeued)
+
+    def _spool_settings(self) -> SpoolConfig:
+        return self.config.spool
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load account states, list the spool (after recovery; names only, the envelopes
+        are read in the background) and start the timer."""
+        self.book.load()
+        self.apply_credentials()
+        self.intake.list_spool(self._reserve)
+        self.intake.start()
+        self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Drain: no new attempts; wait for the ones in flight, then close sessions."""
+        self._stopping = True
+        self._wake.set()
+        # A delivery cancelled here leaves its message in active/: retried after restart.
+        await self._tasks.drain(timeout, cancel_late=True)
+        await self.intake.stop()
+        if self._timer_task is not None:
+            self._timer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer_task
+        self.book.flush()
+        for lane in self._lanes:
+            while lane.idle:
+                await lane.idle.pop().quit()
+
+    def set_config(self, config: Config) -> None:
+        self.config = config
+        self._lanes.reconfigure(config)
+        self.apply_credentials()
+        self._release_unpaused_holds()
+
+    def credentials_changed(self) -> None:
+        """A new consent in the token store (``relayd auth``): resume what it fixes."""
+        self.apply_credentials()
+        self._release_unpaused_holds()
+
+    # -- health -------------------------------------------------------------------------
+
+    def health(self, address: str) -> AccountHealth:
+        return self.book.get(address)
+
+    def set_health(self, health: AccountHealth) -> None:
+        self.book.set(health)
+        if health.paused:
+            self._hold_account(health.address)
+            self._wake.set()  # the timer loop sets itself for this account's probe
+
+    def apply_credentials(self) -> None:
+        """A paused account whose credentials changed gets a fresh chance (SPEC)."""
+        for account in self.config.accounts():
+            before = self.health(account.address)
+            consent = self.consent_of(account) if self.consent_of is not None else ""
+            after = before.on_credentials_changed(credentials_fingerprint(account, consent))
+            if before.paused and not after.paused:
+                log.info("credentials changed; resuming", extra={"account": account.address})
+            self.set_health(after)
+
+    def _hold_account(self, address: str) -> None:
+        """Move a paused account's waiting mail to hold/ (visible on disk, not attempted)."""
+        lane = self._lanes.get(address)
+        if lane is not None:
+            while lane.ready:
+                queue_id = lane.ready.popleft()
+                tracked = self._tracked.get(queue_id)
+                if tracked is not None:
+                    tracked.in_line = False
+                self.park(queue_id, Queue.HOLD, Queue.INCOMING)
+        for queue_id in self.messages(Queue.DEFERRED, address):
+            self.park(queue_id, Queue.HOLD, Queue.DEFERRED)
+
+    def _release_unpaused_holds(self) -> None:
+        """Held mail of accounts that are not paused (any more) goes back in line, unless the
+        operator holds it."""
+        for queue_id, tracked in list(self._tracked.items()):
+            if tracked.queue is not Queue.HOLD or tracked.account is None:
+                continue
+            if self.health(tracked.account).paused:
+                continue
+            if self.spool.read_state(queue_id).operator_hold:
+                continue  # held with `relayd queue hold`: only `release` lets it go
+            self.park(queue_id, Queue.INCOMING, Queue.HOLD)
+            if queue_id in self._tracked:
+                self._make_ready(queue_id, tracked.account)
+
+    # -- intake -------------------------------------------------------------------------
+
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self._tracked
+
+    def new_mail(self, queue_id: str, account: str | None = None) -> None:
+        """Durable in ``incoming/`` and never attempted (a client got its 250, or relayd
+        wrote it): queue it, unless it is known already (announced and found by a scan)."""
+        if self._stopping or queue_id in self._tracked:
+            return
+        if account is None:
+            account = self._account_in_file(queue_id, Queue.INCOMING)
+            if account is None:
+                return
+        self._tracked[queue_id] = _Tracked(Queue.INCOMING, account, fresh=True)
+        self._make_ready(queue_id, account)
+
+    def requeued(self, queue_id: str) -> None:
+        """Back in ``incoming/`` with a delivery state of its own: queue it."""
+        if self._stopping:
+            return
+        tracked = self._tracked.get(queue_id)
+        if tracked is not None and (tracked.in_line or tracked.queue is Queue.ACTIVE):
+            return  # in line or being delivered already
+        account = tracked.account if tracked is not None else None
+        if account is None:
+            account = self._account_in_file(queue_id, Queue.INCOMING)
+            if account is None:
+                return
+        self._tracked[queue_id] = _Tracked(Queue.INCOMING, account)
+        self._make_ready(queue_id, account)
+
+    def _account_in_file(self, queue_id: str, queue: Queue) -> str | None:
+        """The message's account, from its file; None (and quarantined) if it is damaged,
+        None if it is gone."""
+        try:
+            msg = self.spool.load_if_present(queue_id, queue)
+        except SpoolError as exc:
+            self.spool.quarantine(queue_id, queue, str(exc))
+            self._tracked.pop(queue_id, None)
+            return None
+        if msg is None:
+            self._tracked.pop(queue_id, None)
+            return None
+        return msg.envelope.account
+
+    def _reserve(self, queue_id: str, queue: Queue) -> bool:
+        """Start-up intake: the message is known by name; its envelope is read later."""
+        if queue_id in self._tracked:
+            return False
+        self._tracked[queue_id] = _Tracked(queue)
+        return True
+
+    def _take_read(self, read: SpoolRead) -> None:
+        """Start-up intake: a reserved message's file has been read."""
+        tracked = self._tracked.get(read.queue_id)
+        if tracked is None or tracked.queue is not read.queue or tracked.account is not None:
+            return  # moved or deleted meanwhile (an operator's command): no longer ours
+        if read.problem is not None:
+            self.spool.quarantine(read.queue_id, read.queue, read.problem)
+            self.forget(read.queue_id)
+            return
+        account = read.account
+        if account is None:
+            self.forget(read.queue_id)
+            return
+        tracked.account = account
+        if read.queue is Queue.INCOMING:
+            if not self._stopping:
+                self._make_ready(read.queue_id, account)
+        elif read.queue is Queue.DEFERRED:
+            due = read.state.next_attempt_at if read.state is not None else 0.0
+            self._timers.add(read.queue_id, due)
+            self._wake.set()
+
+    def forget(self, queue_id: str) -> None:
+        self._tracked.pop(queue_id, None)
+
+    def _make_ready(self, queue_id: str, account: str) -> None:
+        tracked = self._tracked[queue_id]
+        tracked.queue, tracked.account, tracked.in_line = Queue.INCOMING, account, True
+        lane = self._lanes.of(account)
+        lane.ready.append(queue_id)
+        self._spawn_workers(lane)
+
+    # -- where messages go (the attempt's ``Parking``) -----------------------------------
+
+    def park(self, queue_id: str, target: Queue, source: Queue = Queue.ACTIVE) -> None:
+        if source is target:
+            return
+        try:
+            self.spool.move(queue_id, source, target)
+        except FileNotFoundError:
+            self.forget(queue_id)
+            return
+        tracked = self._tracked.get(queue_id)
+        if tracked is not None:
+            tracked.queue = target
+
+    def defer(self, queue_id: str, due: float) -> None:
+        self.park(queue_id, Queue.DEFERRED)
+        if queue_id in self._tracked:
+            self._timers.add(queue_id, due)
+            self._wake.set()
+
+    # -- timers -------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while not self._stopping:
+            now = self.clock()
+            for queue_id in self._timers.due(now):
+                tracked = self._tracked.get(queue_id)
+                if tracked is None or tracked.queue is not Queue.DEFERRED:
+                    continue  # held, flushed or deleted by the operator meanwhile
+                self.park(queue_id, Queue.INCOMING, Queue.DEFERRED)
+                if queue_id in self._tracked:
+                    self.requeued(queue_id)
+            self._probe_paused(now)
+            if self.book.unsaved:
+                self.book.flush()
+            delay = TIMER_TICK_SECONDS
+            next_due = self._timers.next_due()
+            if next_due is not None:
+                delay = min(delay, next_due - now)
+            if self.book.unsaved:
+                delay = min(delay, HEALTH_SAVE_SECONDS)
+            # SPEC: a paused account is probed every retry.max, on time rather than at the
+            # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
+            probes = [h.retry_at for h in self.book if h.paused and h.retry_at > now]
+            if probes:
+                delay = min(delay, min(probes) - now)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _spawn_workers(self, lane: Lane) -> None:
+        while lane.ready and lane.workers < lane.max_connections and not self._stopping:
+            lane.workers += 1
+            self._tasks.spawn(self._work(lane))
+
+    async def _work(self, lane: Lane) -> None:
+        transport = lane.take_idle()
+        try:
+            while lane.ready and not self._stopping:
+                queue_id = lane.ready.popleft()
+                tracked = self._tracked.get(queue_id)
+                if tracked is None or not tracked.in_line:
+                    continue  # withdrawn by an operator's command meanwhile
+                tracked.in_line = False
+                pause = lane.wait_for_pace(self.clock())
+                while pause > 0:
+                    await asyncio.sleep(pause)
+                    pause = lane.wait_for_pace(self.clock())
+                fresh, tracked.fresh = tracked.fresh, False
+                tracked.queue = Queue.ACTIVE
+                try:
+                    transport = await self._attempts.run(lane, queue_id, transport, fresh=fresh)
+                except Exception:
+                    # A bug must not strand the message: it stays spooled and is retried.
+                    log.exception(
+                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
+                    )
+                    if transport is not None:
+                        transport.close()
+                        transport = None
+                    tracked_now = self._tracked.get(queue_id)
+                    if tracked_now is not None and tracked_now.queue is Queue.ACTIVE:
+                        self.defer(queue_id, self.clock() + self.config.spool.retry.first)
+        finally:
+            lane.workers -= 1
+            if transport is not None and transport.is_open:
+                lane.idle.append(transport)
+                asyncio.get_running_loop().call_later(
+                    IDLE_SESSION_SECONDS, self._close_idle, lane, transport
+                )
+
+    def _close_idle(self, lane: Lane, transport: Transport) -> None:
+        if transport in lane.idle:
+            lane.idle.remove(transport)
+            self._tasks.spawn(transport.quit())
+
+    # -- paused accounts ----------------------------------------------------------------
+
+    def _probe_paused(self, now: float) -> None:
+        for health in self.book:
+            if not health.paused or now < health.retry_at:
+                continue
+            lane = self._lanes.of(health.address)
+            account = lane.account
+            if lane.probing or account is None or account.is_capture:
+                continue
+            lane.probing = True
+            self._tasks.spawn(self._probe(lane))
+
+    async def _probe(self, lane: Lane) -> None:
+        """SPEC: a paused account is probed with a login alone every retry.max."""
+        assert lane.account is not None
+        logx = {"account": lane.address}
+        transport = self.deliverer.new_transport(lane.account)
+        try:
+            await transport.probe()
+        except Exception as exc:
+            retry_at = self.clock() + self.config.spool.retry.max
+            self.set_health(self.health(lane.address).with_retry_at(retry_at))
+            log.info("probe failed (%s); still paused", exc, extra=logx)
+        else:
+            log.info("probe login succeeded; resuming", extra=logx)
+            self.set_health(self.health(lane.address).on_released())
+            self._release_unpaused_holds()
+        finally:
+            lane.probing = False
+
+    # -- the operator's commands (relayd.queue.commands: this is their QueueView) --------
+
+    def where(self, queue_id: str) -> Queue | None:
+        tracked = self._tracked.get(queue_id)
+        return tracked.queue if tracked is not None else self.spool.locate(queue_id)
+
+    def withdraw(self, queue_id: str) -> bool:
+        tracked = self._tracked.get(queue_id)
+        if tracked is None:
+            return True
+        if tracked.queue is Queue.ACTIVE:
+            return False
+        if tracked.in_line and tracked.account is not None:
+            lane = self._lanes.get(tracked.account)
+            if lane is not None and queue_id in lane.ready:
+                lane.ready.remove(queue_id)
+            tracked.in_line = False
+        return True
+
+    def messages(self, queue: Queue, account: str | None) -> list[str]:
+        if queue in (Queue.COPY, Queue.CORRUPT):
+            # Not the scheduler's: the filing stage's, or nobody's.
+            return [
+                qid
+                for qid in self.spool.list(queue)
+                if account is None or self._account_of_file(qid, queue) == account
+            ]
+        return sorted(
+            qid
+            for qid, tracked in self._tracked.items()
+            if tracked.queue is queue and (account is None or tracked.account == account)
+        )
+
+    def _account_of_file(self, queue_id: str, queue: Queue) -> str | None:
+        try:
+            msg = self.spool.load_if_present(queue_id, queue)
+        except SpoolError:
+            return None
+        return msg.envelope.account if msg is not None else None
+
+    def moved(self, queue_id: str, queue: Queue) -> None:
+        tracked = self._tracked.get(queue_id)
+        if queue is Queue.INCOMING:
+            # Any file touched by a command has a delivery state now (or may have one).
+            if tracked is not None:
+                tracked.fresh = False
+            self.requeued(queue_id)
+            return
+        if tracked is None:
+            tracked = self._tracked[queue_id] = _Tracked(queue)
+        tracked.queue, tracked.fresh = queue, False
+        if tracked.account is None:
+            tracked.account = self._account_of_file(queue_id, queue)
+
+    def removed(self, queue_id: str) -> None:
+        self.forget(queue_id)
