@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from relayd.metrics import Registry
@@ -26,17 +28,17 @@ from relayd.ops.maildrop import Drop, encode_drop, parse_drop
         ("454 4.7.0 Too many login attempts, please try again later", "throttling"),
     ],
 )
-def test_hints(reply, expected):
+def test_hints(reply: str, expected: str) -> None:
     hint = hint_for(reply)
     assert hint is not None and expected in hint
 
 
-def test_no_hint_for_plain_replies():
+def test_no_hint_for_plain_replies() -> None:
     assert hint_for("250 2.0.0 Ok") is None
     assert hint_for("network during connect: refused") is None
 
 
-def test_metrics_text_format():
+def test_metrics_text_format() -> None:
     registry = Registry()
     counter = registry.counter("x_total", "Things", ("account", "status"))
     counter.inc(account='a"b', status="ok")
@@ -53,7 +55,7 @@ def test_metrics_text_format():
     assert '# TYPE depth gauge\ndepth{queue="hold"} 3\n' in text
 
 
-def test_incident_book_once_per_incident_and_cool_down(tmp_path):
+def test_incident_book_once_per_incident_and_cool_down(tmp_path: Path) -> None:
     book = IncidentBook(tmp_path / "alerts.json")
     assert not book.is_open("paused:a", now=100)
     book.open("paused:a", now=100)
@@ -66,7 +68,7 @@ def test_incident_book_once_per_incident_and_cool_down(tmp_path):
     assert not IncidentBook(tmp_path / "alerts.json").is_open("paused:a", now=200)
 
 
-def test_maildrop_format_round_trip_and_refusals():
+def test_maildrop_format_round_trip_and_refusals() -> None:
     drop = Drop("a@x.test", ("b@x.test", "ü@x.test"), b"Subject: s\n\nbody\n")
     assert parse_drop(encode_drop(drop)) == drop
     for raw in (b"", b"garbage", b"RELAYD-MAILDROP 1\n", b'RELAYD-MAILDROP 1\n{"sender": "a"}\n'):
@@ -74,7 +76,7 @@ def test_maildrop_format_round_trip_and_refusals():
             parse_drop(raw)
 
 
-def test_tls_failures_are_recognised():
+def test_tls_failures_are_recognised() -> None:
     assert is_tls_failure("tls: certificate not trusted: hostname mismatch")
     assert is_tls_failure("server does not offer STARTTLS")
     assert not is_tls_failure("network during connect: refused")
