@@ -7,12 +7,14 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
-from relayd_proc import Relayd, free_port, write_config, write_secret
+from mailworld.world import MailWorld
 
 from relayd.passwords import hash_password
+
+from .relayd_proc import Relayd, free_port, write_config, write_secret
 
 _counter = itertools.count(1)
 
@@ -30,7 +32,7 @@ class Mailbox:
 class RelaydSetup:
     """One relayd instance under test, its config and the mailboxes it uses."""
 
-    world: Any
+    world: MailWorld
     dir: Path
     port: int
     config_path: Path
@@ -42,8 +44,38 @@ class RelaydSetup:
         write_config(self.config_path, self.config)
 
 
+#: The ``new_mailbox`` fixture: a fresh Dovecot user whose name starts with the prefix.
+NewMailbox = Callable[[str], Mailbox]
+
+
+class RelaydSetupFactory(Protocol):
+    """The ``relayd_setup`` fixture: relayd (not yet started) with these tenants."""
+
+    def __call__(
+        self,
+        tenants: dict[str, Any],
+        *,
+        may_send_as: list[str],
+        anonymous: list[str] | None = None,
+        retry: dict[str, str] | None = None,
+    ) -> RelaydSetup: ...
+
+
+class RelayFor(Protocol):
+    """The ``relay_for`` fixture: relayd with one custom-provider account for ``mailbox``."""
+
+    def __call__(
+        self,
+        mailbox: Mailbox,
+        *,
+        port: int | None = None,
+        tls: str = "starttls",
+        password: str | None = None,
+    ) -> RelaydSetup: ...
+
+
 @pytest.fixture
-def new_mailbox(mail_world: Any) -> Callable[[str], Mailbox]:
+def new_mailbox(mail_world: MailWorld) -> NewMailbox:
     def make(prefix: str) -> Mailbox:
         name = f"{prefix}{next(_counter)}{secrets.token_hex(2)}"
         password = "pw-" + secrets.token_urlsafe(12)
@@ -54,7 +86,7 @@ def new_mailbox(mail_world: Any) -> Callable[[str], Mailbox]:
 
 
 def custom_tenant(
-    world: Any,
+    world: MailWorld,
     secrets_dir: Path,
     mailbox: Mailbox,
     *,
@@ -71,7 +103,7 @@ def custom_tenant(
 
 
 @pytest.fixture
-def relayd_setup(mail_world: Any, tmp_path: Path) -> Iterator[Callable[..., RelaydSetup]]:
+def relayd_setup(mail_world: MailWorld, tmp_path: Path) -> Iterator[RelaydSetupFactory]:
     started: list[RelaydSetup] = []
 
     def make(
@@ -117,9 +149,7 @@ def relayd_setup(mail_world: Any, tmp_path: Path) -> Iterator[Callable[..., Rela
 
 
 @pytest.fixture
-def relay_for(
-    mail_world: Any, relayd_setup: Callable[..., RelaydSetup], tmp_path: Path
-) -> Callable[..., RelaydSetup]:
+def relay_for(mail_world: MailWorld, relayd_setup: RelaydSetupFactory, tmp_path: Path) -> RelayFor:
     """relayd with one custom-provider account for ``mailbox``, which the client may send as."""
 
     def make(

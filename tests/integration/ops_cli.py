@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relayd_proc import REPO
+from .relayd_proc import REPO
 
 
 def relayd_cli(

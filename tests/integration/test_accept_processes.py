@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relayd_proc import Relayd, free_port, proc_stats, write_config
+
+from .relayd_proc import Relayd, free_port, proc_stats, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -6,15 +6,18 @@ import json
 import time
 
 import pytest
-from relayd_proc import write_secret
-from test_relay_delivery import message, send, spooled
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelayFor
+from .relayd_proc import write_secret
+from .test_relay_delivery import message, send, spooled
 
 pytestmark = pytest.mark.integration
 
 
 def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
-    mail_world, new_mailbox, relay_for
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("paused"), new_mailbox("rcpt")
     setup = relay_for(sender, password="definitely-wrong")
     setup.relayd.start()
@@ -75,7 +78,9 @@ def test_wrong_password_pauses_holds_then_restart_with_right_password_sends(
     assert mail_world.messages(sender.name) == []  # never bounced
 
 
-def test_a_paused_account_resumes_when_its_probe_login_succeeds(mail_world, new_mailbox, relay_for):
+def test_a_paused_account_resumes_when_its_probe_login_succeeds(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     """SPEC: a paused account is probed with a login alone every retry.max (2 s here)."""
     sender, rcpt = new_mailbox("probed"), new_mailbox("rcpt")
     configured = "the-password-relayd-has"

@@ -6,12 +6,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelaydSetup, RelayFor
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
 
-def test_rejected_recipient_bounces_into_senders_mailbox(mail_world, new_mailbox, relay_for):
+def test_rejected_recipient_bounces_into_senders_mailbox(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("bouncer"), new_mailbox("rcpt")
     refused = "nobody@elsewhere.test"
     setup = relay_for(sender)
@@ -40,7 +45,9 @@ def test_rejected_recipient_bounces_into_senders_mailbox(mail_world, new_mailbox
     assert setup.relayd.stop() == 0
 
 
-def test_mail_deferred_past_delay_warning_tells_the_sender_once(mail_world, new_mailbox, relay_for):
+def test_mail_deferred_past_delay_warning_tells_the_sender_once(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     """spool.delay_warning: one "delayed" DSN while the upstream is down, then the mail."""
     sender, rcpt = new_mailbox("delayed"), new_mailbox("rcpt")
     setup = relay_for(sender)
@@ -79,7 +86,7 @@ def test_mail_deferred_past_delay_warning_tells_the_sender_once(mail_world, new_
     assert setup.relayd.stop() == 0
 
 
-def deferrals(setup, queue_id: str) -> list[str]:
+def deferrals(setup: RelaydSetup, queue_id: str) -> list[str]:
     return [
         line
         for line in setup.relayd.log().splitlines()

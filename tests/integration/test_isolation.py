@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from conftest import custom_tenant
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelaydSetupFactory, custom_tenant
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
 
 def test_stalled_upstream_does_not_delay_other_accounts(
-    mail_world, new_mailbox, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     stuck, healthy, rcpt = new_mailbox("stuck"), new_mailbox("healthy"), new_mailbox("rcpt")
     # A listener that completes the TCP handshake and then never says a word (no greeting,
     # no TLS): relayd's attempt for `stuck` can only end by its own timeout.

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relayd_proc import ALL_LOGS, REPO, write_secret
-from test_relay_delivery import message, send, spooled
+from mailworld.oauth_server import OAuthServer
+from mailworld.world import MailWorld
 
 from relayd.config.model import AccountConfig, Limits, SentCopy, SmtpServer, TlsMode
 from relayd.core.outcome import Phase, Reply
@@ -33,6 +33,10 @@ from relayd.upstream.credentials import Credential, Mechanism
 from relayd.upstream.smtp import SmtpSession
 from relayd.upstream.transport import AttemptError
 
+from .conftest import NewMailbox, RelaydSetup, RelaydSetupFactory
+from .relayd_proc import ALL_LOGS, REPO, write_secret
+from .test_relay_delivery import message, send, spooled
+
 pytestmark = pytest.mark.integration
 
 MS_CLIENT = "ms-public-client"
@@ -40,11 +44,11 @@ GOOGLE_CLIENT = "google-installed-client"
 GOOGLE_SECRET = "google-client-secret-123"
 APP_CLIENT = "ms-app-client"
 APP_SECRET = "ms-app-secret-456"
-NO_MAIL = {"incoming": [], "active": [], "deferred": [], "hold": []}
+NO_MAIL: dict[str, list[str]] = {"incoming": [], "active": [], "deferred": [], "hold": []}
 
 
 @pytest.fixture
-def oauth(mail_world: Any) -> Iterator[Any]:
+def oauth(mail_world: MailWorld) -> Iterator[OAuthServer]:
     server = mail_world.oauth
     server.add_client(MS_CLIENT)
     server.add_client(GOOGLE_CLIENT, GOOGLE_SECRET)
@@ -58,12 +62,12 @@ def oauth(mail_world: Any) -> Iterator[Any]:
     server.start()
 
 
-def smtp_to(world: Any, tls: str = "starttls") -> dict[str, Any]:
+def smtp_to(world: MailWorld, tls: str = "starttls") -> dict[str, Any]:
     port = world.smtp_starttls_port if tls == "starttls" else world.smtp_implicit_port
     return {"host": "127.0.0.1", "port": port, "tls": tls, "ca_file": str(world.pki.ca_cert)}
 
 
-def microsoft_tenant(world: Any, server: Any, addresses: list[str]) -> dict[str, Any]:
+def microsoft_tenant(world: MailWorld, server: OAuthServer, addresses: list[str]) -> dict[str, Any]:
     return {
         "provider": "microsoft365",
         "smtp": smtp_to(world),
@@ -77,12 +81,16 @@ def microsoft_tenant(world: Any, server: Any, addresses: list[str]) -> dict[str,
     }
 
 
-def microsoft_setup(relayd_setup: Any, world: Any, server: Any, address: str) -> Any:
+def microsoft_setup(
+    relayd_setup: RelaydSetupFactory, world: MailWorld, server: OAuthServer, address: str
+) -> RelaydSetup:
     """relayd with one Microsoft 365 account, ``address``, which the client may send as."""
     return relayd_setup({"ms": microsoft_tenant(world, server, [address])}, may_send_as=[address])
 
 
-def google_tenant(world: Any, server: Any, secrets: Path, addresses: list[str]) -> dict[str, Any]:
+def google_tenant(
+    world: MailWorld, server: OAuthServer, secrets: Path, addresses: list[str]
+) -> dict[str, Any]:
     secret = write_secret(secrets / "google-client", GOOGLE_SECRET)
     return {
         "provider": "gmail",
@@ -100,13 +108,13 @@ def google_tenant(world: Any, server: Any, secrets: Path, addresses: list[str]) 
     }
 
 
-def store_of(setup: Any) -> TokenStore:
+def store_of(setup: RelaydSetup) -> TokenStore:
     return TokenStore(setup.dir / "state", fsync=False)
 
 
 def seed(
-    setup: Any,
-    server: Any,
+    setup: RelaydSetup,
+    server: OAuthServer,
     address: str,
     client_id: str,
     *,
@@ -129,7 +137,7 @@ def seed(
     return refresh
 
 
-def submit(setup: Any, sender: str, rcpt: str, subject: str) -> str:
+def submit(setup: RelaydSetup, sender: str, rcpt: str, subject: str) -> str:
     reply = send(
         setup.port,
         sender,
@@ -141,7 +149,7 @@ def submit(setup: Any, sender: str, rcpt: str, subject: str) -> str:
 
 
 def start_auth(
-    setup: Any,
+    setup: RelaydSetup,
     address: str,
     flag: str,
     *,
@@ -160,7 +168,7 @@ def start_auth(
     )
 
 
-def sasl_logins(world: Any, address: str) -> list[str]:
+def sasl_logins(world: MailWorld, address: str) -> list[str]:
     return re.findall(
         rf"sasl_method=(\w+), sasl_username={re.escape(address)}", world.postfix_log()
     )
@@ -170,8 +178,12 @@ def sasl_logins(world: Any, address: str) -> list[str]:
 
 
 def test_microsoft_and_google_accounts_deliver_with_xoauth2(
-    mail_world, new_mailbox, relayd_setup, oauth, tmp_path
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    tmp_path: Path,
+) -> None:
     alice, bob, rcpt = new_mailbox("msal"), new_mailbox("gauth"), new_mailbox("rcpt")
     setup = relayd_setup(
         {
@@ -212,7 +224,9 @@ class _Fixed:
         self.rejected_tokens.append(credential.secret)
 
 
-async def test_dovecot_rejects_wrong_and_expired_tokens(mail_world, new_mailbox, oauth):
+async def test_dovecot_rejects_wrong_and_expired_tokens(
+    mail_world: MailWorld, new_mailbox: NewMailbox, oauth: OAuthServer
+) -> None:
     alice, other = new_mailbox("checked"), new_mailbox("other")
     server = SmtpServer(
         "127.0.0.1", mail_world.smtp_starttls_port, TlsMode.STARTTLS, mail_world.pki.ca_cert
@@ -254,8 +268,12 @@ async def test_dovecot_rejects_wrong_and_expired_tokens(mail_world, new_mailbox,
 
 
 def test_app_only_client_credentials_two_mailboxes_of_one_tenant(
-    mail_world, new_mailbox, relayd_setup, oauth, tmp_path
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    tmp_path: Path,
+) -> None:
     first, second, rcpt = new_mailbox("appa"), new_mailbox("appb"), new_mailbox("rcpt")
     secret = write_secret(tmp_path / "secrets" / "app", APP_SECRET)
     before = oauth.count("client_credentials")
@@ -288,7 +306,12 @@ def test_app_only_client_credentials_two_mailboxes_of_one_tenant(
     assert setup.relayd.stop() == 0
 
 
-def test_token_of_2500_bytes_is_accepted(mail_world, new_mailbox, relayd_setup, oauth):
+def test_token_of_2500_bytes_is_accepted(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice, rcpt = new_mailbox("bigtok"), new_mailbox("rcpt")
     oauth.token_size = 2500
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
@@ -308,8 +331,11 @@ def test_token_of_2500_bytes_is_accepted(mail_world, new_mailbox, relayd_setup, 
 
 
 def test_expiring_token_is_refreshed_once_for_50_queued_messages(
-    mail_world, new_mailbox, relayd_setup, oauth
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice, rcpt = new_mailbox("fifty"), new_mailbox("rcpt")
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     # Still valid for 5 minutes (Dovecot would take it), but under the 10-minute margin.
@@ -337,8 +363,11 @@ def test_expiring_token_is_refreshed_once_for_50_queued_messages(
 
 
 def test_token_endpoint_5xx_or_down_defers_and_keeps_tokens(
-    mail_world, new_mailbox, relayd_setup, oauth
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice, rcpt = new_mailbox("tokdown"), new_mailbox("rcpt")
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     seed(setup, oauth, alice.address, MS_CLIENT)  # no access token: a refresh is needed
@@ -360,13 +389,17 @@ def test_token_endpoint_5xx_or_down_defers_and_keeps_tokens(
     oauth.start()
     mail_world.wait_for_messages(rcpt.name, 1, timeout=60)
     assert mail_world.messages(alice.name) == []  # nothing bounced
-    assert store_of(setup).load(alice.address).access_token  # the new tokens were kept
+    stored = store_of(setup).load(alice.address)
+    assert stored is not None and stored.access_token  # the new tokens were kept
     assert setup.relayd.stop() == 0
 
 
 def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
-    mail_world, new_mailbox, relayd_setup, oauth
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice, rcpt = new_mailbox("revoked"), new_mailbox("rcpt")
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     refresh = seed(setup, oauth, alice.address, MS_CLIENT)
@@ -410,7 +443,12 @@ def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
 # -- the store on disk -------------------------------------------------------------------------
 
 
-def test_token_file_is_encrypted_and_private(mail_world, new_mailbox, relayd_setup, oauth):
+def test_token_file_is_encrypted_and_private(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice, rcpt = new_mailbox("private"), new_mailbox("rcpt")
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     first_refresh = seed(setup, oauth, alice.address, MS_CLIENT)
@@ -436,6 +474,7 @@ def test_token_file_is_encrypted_and_private(mail_world, new_mailbox, relayd_set
         assert path.stat().st_mode & 0o777 == mode, path
     text = setup.relayd.log()
     for secret in (first_refresh, record.refresh_token, record.access_token):
+        assert secret is not None
         assert secret not in text
 
 
@@ -482,8 +521,12 @@ def test_killed_during_rotation_leaves_a_usable_token_file(tmp_path: Path) -> No
 
 
 def test_google_consent_pasted_back_without_a_browser(
-    mail_world, new_mailbox, relayd_setup, oauth, tmp_path
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    tmp_path: Path,
+) -> None:
     bob, rcpt = new_mailbox("paste"), new_mailbox("rcpt")
     setup = relayd_setup(
         {"g": google_tenant(mail_world, oauth, tmp_path / "secrets", [bob.address])},
@@ -502,6 +545,7 @@ def test_google_consent_pasted_back_without_a_browser(
         # which does not load there; the user copies that address.
         ctx = ssl.create_default_context(cafile=str(mail_world.pki.ca_cert))
         parsed = urllib.parse.urlsplit(url)
+        assert parsed.hostname is not None, url
         conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=ctx)
         conn.request("GET", f"{parsed.path}?{parsed.query}")
         redirected = conn.getresponse().getheader("Location")
@@ -522,8 +566,11 @@ def test_google_consent_pasted_back_without_a_browser(
 
 
 def test_microsoft_browser_consent_returns_to_the_loopback_address(
-    mail_world, new_mailbox, relayd_setup, oauth
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+) -> None:
     alice = new_mailbox("browser")
     setup = microsoft_setup(relayd_setup, mail_world, oauth, alice.address)
     env = dict(os.environ, BROWSER="true")  # the "browser" relayd opens does nothing
@@ -539,6 +586,7 @@ def test_microsoft_browser_consent_returns_to_the_loopback_address(
         # The user's browser: sign in at the server, follow its redirect to the loopback.
         ctx = ssl.create_default_context(cafile=str(mail_world.pki.ca_cert))
         parsed = urllib.parse.urlsplit(url)
+        assert parsed.hostname is not None, url
         conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=ctx)
         conn.request("GET", f"{parsed.path}?{parsed.query}")
         back = urllib.parse.urlsplit(conn.getresponse().getheader("Location") or "")
@@ -557,7 +605,7 @@ def test_microsoft_browser_consent_returns_to_the_loopback_address(
     assert stored is not None and stored.refresh_token in oauth.state.refresh
 
 
-def test_no_token_of_this_module_in_any_log(mail_world, oauth):
+def test_no_token_of_this_module_in_any_log(mail_world: MailWorld, oauth: OAuthServer) -> None:
     """Every access and refresh token the token server issued in this session: in no relayd
     log, neither raw nor base64 nor as an XOAUTH2 payload (reliability.md case 21)."""
     issued = [*oauth.state.access, *oauth.state.refresh]

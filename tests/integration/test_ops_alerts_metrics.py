@@ -7,12 +7,17 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
-from relayd_proc import free_port, write_secret
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import Mailbox, NewMailbox, RelaydSetupFactory
+from .relayd_proc import free_port, write_secret
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +35,12 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
+#: The ``webhook`` fixture: its URL and the JSON bodies POSTed to it so far.
+Webhook = tuple[str, list[dict[str, Any]]]
+
+
 @pytest.fixture
-def webhook():
+def webhook() -> Iterator[Webhook]:
     posts: list[dict[str, Any]] = []
     handler = type("Hook", (_Hook,), {"posts": posts})
     server = HTTPServer(("127.0.0.1", 0), handler)
@@ -42,12 +51,14 @@ def webhook():
     server.server_close()
 
 
-def _account(dir_, mailbox, password=None):
+def _account(dir_: Path, mailbox: Mailbox, password: str | None = None) -> dict[str, Any]:
     secret = write_secret(dir_ / "secrets" / mailbox.name, password or mailbox.password)
     return {"address": mailbox.address, "password": {"file": str(secret)}}
 
 
-def _tenant(world, accounts, port=None):
+def _tenant(
+    world: MailWorld, accounts: list[dict[str, Any]], port: int | None = None
+) -> dict[str, Any]:
     return {
         "provider": "custom",
         "smtp": {
@@ -60,7 +71,7 @@ def _tenant(world, accounts, port=None):
     }
 
 
-def _wait(check, what, timeout=30.0):
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -69,8 +80,12 @@ def _wait(check, what, timeout=30.0):
 
 
 def test_paused_account_raises_one_alert_email_and_one_webhook_post(
-    mail_world, new_mailbox, relayd_setup, tmp_path, webhook
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    webhook: Webhook,
+) -> None:
     url, posts = webhook
     broken, via, ops, rcpt = (new_mailbox(p) for p in ("broken", "via", "ops", "rcpt"))
     tenant = _tenant(
@@ -116,8 +131,12 @@ def test_paused_account_raises_one_alert_email_and_one_webhook_post(
 
 
 def test_no_alert_email_through_another_tenants_mailbox(
-    mail_world, new_mailbox, relayd_setup, tmp_path, webhook
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    webhook: Webhook,
+) -> None:
     url, posts = webhook
     broken, via, ops = new_mailbox("broken"), new_mailbox("via"), new_mailbox("ops")
     setup = relayd_setup(
@@ -150,7 +169,9 @@ def _scrape(port: int, path: str) -> tuple[int, str]:
         return response.status, response.read().decode()
 
 
-def test_metrics_and_healthz(mail_world, new_mailbox, relayd_setup, tmp_path):
+def test_metrics_and_healthz(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     good, down, rcpt = new_mailbox("good"), new_mailbox("down"), new_mailbox("rcpt")
     metrics_port = free_port()
     setup = relayd_setup(

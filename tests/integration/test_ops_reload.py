@@ -4,18 +4,21 @@ is refused with its errors logged and the old config keeps serving."""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
-from conftest import custom_tenant
-from ops_cli import relayd_cli
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelayFor, custom_tenant
+from .ops_cli import relayd_cli
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
 
 def test_sighup_adds_an_account_and_refuses_broken_yaml(
-    mail_world, new_mailbox, relay_for, tmp_path
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor, tmp_path: Path
+) -> None:
     first, second, rcpt = new_mailbox("one"), new_mailbox("two"), new_mailbox("rcpt")
     setup = relay_for(first)
     setup.relayd.start()
@@ -29,6 +32,7 @@ def test_sighup_adds_an_account_and_refuses_broken_yaml(
     )
     setup.config["clients"]["app"]["may_send_as"] = [first.address, second.address]
     setup.rewrite_config()
+    assert setup.relayd.proc is not None
     pid = setup.relayd.proc.pid
     setup.relayd.proc.send_signal(signal.SIGHUP)
     setup.relayd.wait_for_log("configuration reloaded")
@@ -74,7 +78,7 @@ def test_sighup_adds_an_account_and_refuses_broken_yaml(
     assert setup.relayd.stop() == 0
 
 
-def test_reload_without_a_daemon_says_so(new_mailbox, relay_for):
+def test_reload_without_a_daemon_says_so(new_mailbox: NewMailbox, relay_for: RelayFor) -> None:
     setup = relay_for(new_mailbox("none"))
     result = relayd_cli(setup.config_path, "reload")
     assert result.returncode == 1 and "not running" in result.stderr

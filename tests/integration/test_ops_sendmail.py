@@ -7,14 +7,17 @@ import shutil
 import subprocess
 
 import pytest
-from ops_cli import relayd_cli, wait_until
+from mailworld.world import MailWorld
+
+from .conftest import Mailbox, NewMailbox, RelaydSetup, RelayFor
+from .ops_cli import relayd_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
 PRINTF = b"To: %s\nSubject: %s\n\nbody\n"
 
 
-def _setup(relay_for, sender):
+def _setup(relay_for: RelayFor, sender: Mailbox) -> RelaydSetup:
     setup = relay_for(sender)
     # The tests run as root: root is the Unix user that sendmail submits as.
     setup.config["clients"]["local"] = {"unix_users": ["root"], "may_send_as": [sender.address]}
@@ -23,8 +26,8 @@ def _setup(relay_for, sender):
 
 
 def test_sendmail_t_delivers_with_the_daemon_running_and_stopped(
-    mail_world, new_mailbox, relay_for
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt, hidden = new_mailbox("sm"), new_mailbox("x"), new_mailbox("bcc")
     setup = _setup(relay_for, sender)
     setup.relayd.start()
@@ -52,7 +55,9 @@ def test_sendmail_t_delivers_with_the_daemon_running_and_stopped(
     assert setup.relayd.stop() == 0
 
 
-def test_console_script_exit_codes_and_smtp_mode(mail_world, new_mailbox, relay_for):
+def test_console_script_exit_codes_and_smtp_mode(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("sm"), new_mailbox("x")
     setup = _setup(relay_for, sender)
     setup.relayd.start()

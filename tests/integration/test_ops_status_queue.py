@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from conftest import custom_tenant
-from ops_cli import relayd_cli, relayd_json, wait_until
-from relayd_proc import free_port
-from test_relay_delivery import message, send, spooled
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelaydSetupFactory, RelayFor, custom_tenant
+from .ops_cli import relayd_cli, relayd_json, wait_until
+from .relayd_proc import free_port
+from .test_relay_delivery import message, send, spooled
 
 pytestmark = pytest.mark.integration
 
@@ -18,8 +22,8 @@ def _queue_id(reply: str) -> str:
 
 
 def test_queue_commands_and_status_with_the_daemon_running(
-    mail_world, new_mailbox, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     sender, rcpt = new_mailbox("q"), new_mailbox("rcpt")
     # Nothing listens on this port: every attempt is deferred, for an hour.
     tenant = custom_tenant(
@@ -53,6 +57,7 @@ def test_queue_commands_and_status_with_the_daemon_running(
     )
 
     status = relayd_json(setup.config_path, "status")
+    assert setup.relayd.proc is not None
     assert status["running"] and status["uptime"] >= 0 and status["pid"] == setup.relayd.proc.pid
     [account] = status["accounts"]
     assert account["address"] == sender.address
@@ -95,8 +100,8 @@ def test_queue_commands_and_status_with_the_daemon_running(
 
 
 def test_paused_account_status_and_release_with_the_daemon_stopped(
-    mail_world, new_mailbox, relay_for
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("p"), new_mailbox("rcpt")
     wrong = "not-the-password-123"
     setup = relay_for(sender, password=wrong)
@@ -153,7 +158,9 @@ def test_paused_account_status_and_release_with_the_daemon_stopped(
     assert setup.relayd.stop() == 0
 
 
-def test_release_account_through_the_running_daemon(mail_world, new_mailbox, relay_for):
+def test_release_account_through_the_running_daemon(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("r"), new_mailbox("rcpt")
     wrong = "also-not-the-password-9"
     setup = relay_for(sender, password=wrong)

@@ -10,16 +10,19 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from relayd_proc import REPO
+
+from .conftest import NewMailbox, RelayFor
+from .relayd_proc import REPO
 
 pytestmark = pytest.mark.integration
 
 UNIT = REPO / "systemd" / "relayd.service"
 
 
-def test_unit_file_security_score_is_at_most_2():
+def test_unit_file_security_score_is_at_most_2() -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "scripts/test installs the systemd package for systemd-analyze"
     result = subprocess.run(
@@ -46,7 +49,9 @@ def test_unit_file_security_score_is_at_most_2():
     assert "LoadCredential=" in text
 
 
-def test_ready_status_and_watchdog_reach_the_notify_socket(new_mailbox, relay_for, tmp_path):
+def test_ready_status_and_watchdog_reach_the_notify_socket(
+    new_mailbox: NewMailbox, relay_for: RelayFor, tmp_path: Path
+) -> None:
     setup = relay_for(new_mailbox("sd"))
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

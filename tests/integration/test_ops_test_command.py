@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from ops_cli import relayd_cli
+from mailworld.world import MailWorld
 
 from relayd.ops.checkup import DOTS
+
+from .conftest import NewMailbox, RelayFor
+from .ops_cli import relayd_cli
 
 pytestmark = pytest.mark.integration
 
 
 def test_implicit_port_configured_as_starttls_fails_then_names_what_works(
-    mail_world, new_mailbox, relay_for
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender = new_mailbox("t")
     setup = relay_for(sender, port=mail_world.smtp_implicit_port, tls="starttls")
     result = relayd_cli(setup.config_path, "test", sender.address)
@@ -27,7 +30,9 @@ def test_implicit_port_configured_as_starttls_fails_then_names_what_works(
     assert f"password {DOTS} (file:" in result.stdout
 
 
-def test_everything_passes_with_a_test_message_and_imap(mail_world, new_mailbox, relay_for):
+def test_everything_passes_with_a_test_message_and_imap(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("t"), new_mailbox("rcpt")
     setup = relay_for(sender)
     setup.config["tenants"]["t"]["imap"] = {
@@ -50,7 +55,9 @@ def test_everything_passes_with_a_test_message_and_imap(mail_world, new_mailbox,
     assert sender.password not in out + result.stderr
 
 
-def test_wrong_password_fails_with_a_hint(mail_world, new_mailbox, relay_for):
+def test_wrong_password_fails_with_a_hint(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender = new_mailbox("t")
     wrong = "a-very-long-wrong-password-that-must-not-show"
     setup = relay_for(sender, password=wrong)

@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from mailworld.world import MailWorld
 
 from relayd.core.queues import Queue
 from relayd.spool.store import Spool
+
+from .conftest import Mailbox, NewMailbox, RelayFor
 
 pytestmark = pytest.mark.integration
 
@@ -50,16 +53,18 @@ def header(raw: bytes, name: bytes) -> bytes:
     return next(ln for ln in raw.splitlines() if ln.lower().startswith(name.lower() + b":"))
 
 
-def imap_bodies(world, mailbox) -> list[bytes]:
+def imap_bodies(world: MailWorld, mailbox: Mailbox) -> list[bytes]:
     ctx = ssl.create_default_context(cafile=str(world.pki.ca_cert))
     with imaplib.IMAP4_SSL("127.0.0.1", world.imaps_port, ssl_context=ctx) as imap:
         imap.login(mailbox.address, mailbox.password)
         imap.select("INBOX", readonly=True)
         _, data = imap.search(None, "ALL")
-        bodies = []
+        bodies: list[bytes] = []
         for num in data[0].split():
             _, parts = imap.fetch(num, "(BODY.PEEK[TEXT])")
-            bodies.append(parts[0][1])
+            fetched = parts[0]
+            assert isinstance(fetched, tuple), parts
+            bodies.append(fetched[1])
         return bodies
 
 
@@ -88,7 +93,9 @@ def spooled(state: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
-def test_delivers_through_postfix_byte_identical(mail_world, new_mailbox, relay_for, tls):
+def test_delivers_through_postfix_byte_identical(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor, tls: str
+) -> None:
     sender, rcpt = new_mailbox("alice"), new_mailbox("rcpt")
     port = mail_world.smtp_starttls_port if tls == "starttls" else mail_world.smtp_implicit_port
     setup = relay_for(sender, port=port, tls=tls)
@@ -120,7 +127,7 @@ def test_delivers_through_postfix_byte_identical(mail_world, new_mailbox, relay_
     assert setup.relayd.stop() == 0
 
 
-def test_swaks_client(mail_world, new_mailbox, relay_for):
+def test_swaks_client(mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor) -> None:
     sender, rcpt = new_mailbox("swaks"), new_mailbox("rcpt")
     setup = relay_for(sender)
     setup.relayd.start()
@@ -154,7 +161,9 @@ def test_swaks_client(mail_world, new_mailbox, relay_for):
     assert b"hello from swaks" in raw
 
 
-def test_upstream_down_then_up_and_sigkill_loses_nothing(mail_world, new_mailbox, relay_for):
+def test_upstream_down_then_up_and_sigkill_loses_nothing(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, rcpt = new_mailbox("spool"), new_mailbox("rcpt")
     setup = relay_for(sender)
     mail_world.stop_postfix()
@@ -190,7 +199,9 @@ def test_upstream_down_then_up_and_sigkill_loses_nothing(mail_world, new_mailbox
     assert setup.relayd.stop() == 0
 
 
-def test_connections_are_reused_and_capped_per_account(mail_world, new_mailbox, relay_for):
+def test_connections_are_reused_and_capped_per_account(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     """20 queued messages for one account: at most max_connections (3) logins, not 20."""
     sender, rcpt = new_mailbox("reuse"), new_mailbox("rcpt")
     setup = relay_for(sender)
@@ -225,8 +236,8 @@ def test_connections_are_reused_and_capped_per_account(mail_world, new_mailbox, 
 
 
 def test_sigkill_right_after_the_final_dot_leaves_whole_or_nothing(
-    mail_world, new_mailbox, relay_for
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     """reliability.md case 1: a crash between "." and the 250 never leaves a partial message."""
     sender, rcpt = new_mailbox("crash"), new_mailbox("rcpt")
     setup = relay_for(sender)

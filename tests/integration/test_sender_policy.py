@@ -6,15 +6,20 @@ import base64
 import smtplib
 import socket
 import time
+from pathlib import Path
 
 import pytest
-from conftest import custom_tenant
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelaydSetupFactory, RelayFor, custom_tenant
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
 
-def test_client_allowed_a_cannot_send_as_b(mail_world, new_mailbox, relayd_setup, tmp_path):
+def test_client_allowed_a_cannot_send_as_b(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     a, b, rcpt = new_mailbox("senda"), new_mailbox("sendb"), new_mailbox("rcpt")
     secrets_dir = tmp_path / "secrets"
     tenant_b = custom_tenant(
@@ -78,7 +83,9 @@ def _reply(sock: socket.socket, buf: bytearray) -> bytes:
             return line
 
 
-def test_smuggling_sequences_give_exactly_one_upstream_message(mail_world, new_mailbox, relay_for):
+def test_smuggling_sequences_give_exactly_one_upstream_message(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
     sender, victim, smuggled = new_mailbox("smug"), new_mailbox("victim"), new_mailbox("smuggled")
     setup = relay_for(sender)
     setup.relayd.start()

@@ -18,15 +18,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mailbox, custom_tenant
 from mailworld.world import MailWorld
-from relayd_proc import write_secret
-from test_relay_delivery import message, send, spooled
 
 from relayd.config.model import (
     AccountConfig,
@@ -39,6 +36,10 @@ from relayd.config.model import (
 from relayd.sync.filing import FAULT_ENV
 from relayd.sync.imap import ImapError, ImapFailure, ImapSession
 from relayd.sync.wire import mailbox_argument
+
+from .conftest import Mailbox, NewMailbox, RelaydSetup, RelaydSetupFactory, custom_tenant
+from .relayd_proc import write_secret
+from .test_relay_delivery import message, send, spooled
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +76,7 @@ def second_world() -> Iterator[MailWorld]:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def imap_settings(world: Any, *, tls: str = "implicit", **extra: str) -> dict[str, Any]:
+def imap_settings(world: MailWorld, *, tls: str = "implicit", **extra: str) -> dict[str, Any]:
     port = world.imaps_port if tls == "implicit" else world.imap_port
     return {
         "host": "127.0.0.1",
@@ -87,7 +88,7 @@ def imap_settings(world: Any, *, tls: str = "implicit", **extra: str) -> dict[st
 
 
 def tenant_with_imap(
-    smtp_world: Any, imap_world: Any, secrets_dir: Path, mailbox: Mailbox, **imap: str
+    smtp_world: MailWorld, imap_world: MailWorld, secrets_dir: Path, mailbox: Mailbox, **imap: str
 ) -> dict[str, Any]:
     tenant = custom_tenant(
         smtp_world, secrets_dir, mailbox, port=smtp_world.smtp_starttls_port, tls="starttls"
@@ -96,7 +97,9 @@ def tenant_with_imap(
     return tenant
 
 
-def fetch_all(world: Any, mailbox: Mailbox, folder: str) -> list[tuple[set[str], float, bytes]]:
+def fetch_all(
+    world: MailWorld, mailbox: Mailbox, folder: str
+) -> list[tuple[set[str], float, bytes]]:
     """(flags, internal date, whole message) of every message in ``folder``, over IMAP."""
     ctx = ssl.create_default_context(cafile=str(world.pki.ca_cert))
     with imaplib.IMAP4_SSL("127.0.0.1", world.imaps_port, ssl_context=ctx) as imap:
@@ -120,7 +123,7 @@ def fetch_all(world: Any, mailbox: Mailbox, folder: str) -> list[tuple[set[str],
 
 
 def wait_for_copies(
-    world: Any, mailbox: Mailbox, folder: str, count: int, timeout: float = 60.0
+    world: MailWorld, mailbox: Mailbox, folder: str, count: int, timeout: float = 60.0
 ) -> list[tuple[set[str], float, bytes]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -130,7 +133,7 @@ def wait_for_copies(
         time.sleep(0.1)
 
 
-def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -138,7 +141,7 @@ def wait_until(predicate: Any, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def copy_queue(setup: Any) -> list[str]:
+def copy_queue(setup: RelaydSetup) -> list[str]:
     return sorted(p.name for p in (setup.dir / "state" / "spool" / "copy").iterdir())
 
 
@@ -155,11 +158,11 @@ def trace_free(delivered: bytes) -> bytes:
     return b"\r\n".join(lines[i:])
 
 
-def imap_logins(world: Any, address: str) -> int:
+def imap_logins(world: MailWorld, address: str) -> int:
     return world.dovecot_log().count(f"imap-login: Info: Login: user=<{address}>")
 
 
-def submit(setup: Any, sender: Mailbox, rcpt: str, subject: str) -> tuple[str, bytes]:
+def submit(setup: RelaydSetup, sender: Mailbox, rcpt: str, subject: str) -> tuple[str, bytes]:
     data = message(sender.address, rcpt, subject)
     reply = send(setup.port, sender.address, [rcpt], data, login=("app", setup.client_password))
     return reply.rsplit(" ", 1)[1], data
@@ -170,8 +173,12 @@ def submit(setup: Any, sender: Mailbox, rcpt: str, subject: str) -> tuple[str, b
 
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])
 def test_copy_in_sent_exactly_once_seen_byte_identical(
-    mail_world, new_mailbox, relayd_setup, tmp_path, tls
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    tls: str,
+) -> None:
     sender, rcpt = new_mailbox("copier"), new_mailbox("rcpt")
     tenant = tenant_with_imap(mail_world, mail_world, tmp_path / "secrets", sender, tls=tls)
     setup = relayd_setup({"t": tenant}, may_send_as=[sender.address])
@@ -216,8 +223,8 @@ OAUTH_SECRET = "sent-copy-client-secret"
 
 
 def test_oauth_account_copy_with_xoauth2_checked_by_dovecot(
-    mail_world, new_mailbox, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     server = mail_world.oauth  # the suite's token server; Dovecot introspects every token
     server.add_client(OAUTH_CLIENT, OAUTH_SECRET)
     sender, rcpt = new_mailbox("oauthcopy"), new_mailbox("rcpt")
@@ -267,7 +274,9 @@ def test_oauth_account_copy_with_xoauth2_checked_by_dovecot(
     assert token not in setup.relayd.log()
 
 
-def test_refused_xoauth2_token_is_reported_as_refused(mail_world, new_mailbox):
+def test_refused_xoauth2_token_is_reported_as_refused(
+    mail_world: MailWorld, new_mailbox: NewMailbox
+) -> None:
     """Dovecot answers a bad token with an error challenge; relayd answers it, so the failure
     is "refused" (the copy waits for a good token), never a timeout that looks like "down"."""
     server = mail_world.oauth
@@ -321,8 +330,8 @@ def test_refused_xoauth2_token_is_reported_as_refused(mail_world, new_mailbox):
 
 
 def test_folder_flagged_sent_under_another_name_is_found(
-    mail_world, second_world, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, second_world: MailWorld, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     address = second_world.add_user("french", "pw-french-1")
     sender = Mailbox("french", address, "pw-french-1")
     rcpt_address = second_world.add_user("rcpt-fr", "pw-rcpt")
@@ -339,8 +348,8 @@ def test_folder_flagged_sent_under_another_name_is_found(
 
 
 def test_explicit_sent_folder_overrides_the_flagged_one(
-    mail_world, second_world, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, second_world: MailWorld, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     address = second_world.add_user("explicit", "pw-explicit-1")
     sender = Mailbox("explicit", address, "pw-explicit-1")
     rcpt_address = second_world.add_user("rcpt-ex", "pw-rcpt")
@@ -391,8 +400,12 @@ class ConnectionRecorder:
 
 @pytest.mark.parametrize("provider", ["gmail", "microsoft365"])
 def test_auto_on_a_provider_that_files_its_own_copy_makes_no_imap_connection(
-    mail_world, new_mailbox, relayd_setup, tmp_path, provider
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    provider: str,
+) -> None:
     sender, rcpt = new_mailbox(f"{provider}-"), new_mailbox("rcpt")
     recorder = ConnectionRecorder()
     try:
@@ -431,8 +444,12 @@ def test_auto_on_a_provider_that_files_its_own_copy_makes_no_imap_connection(
 
 
 def test_imap_down_during_delivery_copy_follows_once_imap_is_back(
-    mail_world, second_world, new_mailbox, relayd_setup, tmp_path
-):
+    mail_world: MailWorld,
+    second_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+) -> None:
     sender, rcpt = new_mailbox("imapdown"), new_mailbox("rcpt")
     # The same mailbox on the second world, which serves this account's IMAP only.
     second_world.add_user(sender.address, sender.password)
@@ -474,8 +491,12 @@ def test_imap_down_during_delivery_copy_follows_once_imap_is_back(
 
 
 def test_killed_right_after_append_still_exactly_one_copy(
-    mail_world, new_mailbox, relayd_setup, tmp_path, monkeypatch
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     sender, rcpt = new_mailbox("crash"), new_mailbox("rcpt")
     tenant = tenant_with_imap(mail_world, mail_world, tmp_path / "secrets", sender)
     setup = relayd_setup({"t": tenant}, may_send_as=[sender.address])
@@ -502,7 +523,9 @@ def test_killed_right_after_append_still_exactly_one_copy(
 # -- one login for many messages -----------------------------------------------------------------
 
 
-def test_hundred_messages_one_imap_login(mail_world, new_mailbox, relayd_setup, tmp_path):
+def test_hundred_messages_one_imap_login(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     sender, rcpt = new_mailbox("bulk"), new_mailbox("rcpt")
     tenant = tenant_with_imap(mail_world, mail_world, tmp_path / "secrets", sender)
     setup = relayd_setup({"t": tenant}, may_send_as=[sender.address])
@@ -527,7 +550,9 @@ def test_hundred_messages_one_imap_login(mail_world, new_mailbox, relayd_setup, 
 # -- DSNs go into the INBOX over IMAP, never into Sent ------------------------------------------
 
 
-def test_dsn_filed_in_inbox_over_imap(mail_world, new_mailbox, relayd_setup, tmp_path):
+def test_dsn_filed_in_inbox_over_imap(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     sender, rcpt = new_mailbox("dsnimap"), new_mailbox("rcpt")
     refused = "nobody@elsewhere.test"
     tenant = tenant_with_imap(mail_world, mail_world, tmp_path / "secrets", sender)
@@ -560,8 +585,8 @@ def test_dsn_filed_in_inbox_over_imap(mail_world, new_mailbox, relayd_setup, tmp
 
 
 def test_dsn_goes_over_smtp_when_imap_refuses_the_login(
-    mail_world, new_mailbox, relayd_setup, tmp_path
-):
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     sender = new_mailbox("dsnfallback")
     wrong = write_secret(tmp_path / "secrets" / "wrong-imap", "not-the-imap-password")
     tenant = tenant_with_imap(mail_world, mail_world, tmp_path / "secrets", sender)

@@ -6,20 +6,29 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from relayd_proc import write_secret
-from test_relay_delivery import BODY_AS_STORED, body_of, message, send
+from mailworld.world import MailWorld
+
+from .conftest import Mailbox, NewMailbox, RelaydSetup, RelayFor
+from .relayd_proc import write_secret
+from .test_relay_delivery import BODY_AS_STORED, body_of, message, send
 
 pytestmark = pytest.mark.integration
+
+#: The ``sealed`` fixture: sender, recipient and the started relayd.
+Sealed = tuple[Mailbox, Mailbox, RelaydSetup]
 
 # Bigger than what the scheduler reads whole with the envelope: streamed segment by segment.
 BIG_BODY = b"".join(b"Confidential ledger line %06d\r\n" % i for i in range(12_000))
 
 
 @pytest.fixture
-def sealed(mail_world, new_mailbox, relay_for, tmp_path: Path):
+def sealed(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor, tmp_path: Path
+) -> Iterator[Sealed]:
     """(sender, recipient, relayd with a sealed spool, already started) while Postfix, the
     upstream, is down; Postfix is up again after the test whatever happens."""
     sender, rcpt = new_mailbox("seal"), new_mailbox("rcpt")
@@ -41,12 +50,14 @@ def big_message(sender: str, rcpt: str, subject: str) -> bytes:
     return message(sender, rcpt, subject).replace(b"last line\r\n", BIG_BODY)
 
 
-def spool_files(setup) -> list[Path]:
+def spool_files(setup: RelaydSetup) -> list[Path]:
     root = setup.dir / "state" / "spool"
     return [p for q in ("incoming", "active", "deferred") for p in (root / q).iterdir()]
 
 
-def test_sealed_spool_shows_nothing_and_delivers_byte_identical(mail_world, sealed):
+def test_sealed_spool_shows_nothing_and_delivers_byte_identical(
+    mail_world: MailWorld, sealed: Sealed
+) -> None:
     sender, rcpt, setup = sealed
     login = ("app", setup.client_password)
     small = message(sender.address, rcpt.address, "sealed small")
@@ -78,7 +89,9 @@ def test_sealed_spool_shows_nothing_and_delivers_byte_identical(mail_world, seal
     assert setup.relayd.stop() == 0
 
 
-def test_an_altered_sealed_file_is_quarantined_not_sent(mail_world, sealed):
+def test_an_altered_sealed_file_is_quarantined_not_sent(
+    mail_world: MailWorld, sealed: Sealed
+) -> None:
     sender, rcpt, setup = sealed
     data = big_message(sender.address, rcpt.address, "tampered")
     reply = send(

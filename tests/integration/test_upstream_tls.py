@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_relay_delivery import message, send, spooled
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelayFor
+from .test_relay_delivery import message, send, spooled
 
 pytestmark = pytest.mark.integration
 
@@ -18,8 +21,13 @@ pytestmark = pytest.mark.integration
     ],
 )
 def test_insecure_upstream_gets_nothing_and_mail_is_deferred(
-    mail_world, new_mailbox, relay_for, port_attr, tls, expected
-):
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relay_for: RelayFor,
+    port_attr: str,
+    tls: str,
+    expected: str,
+) -> None:
     sender, rcpt = new_mailbox("tls"), new_mailbox("rcpt")
     port = getattr(mail_world, port_attr)
     setup = relay_for(sender, port=port, tls=tls)

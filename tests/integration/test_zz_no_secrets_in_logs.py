@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import re
 import smtplib
+from pathlib import Path
 
 import pytest
-from conftest import custom_tenant
-from relayd_proc import ALL_LOGS
-from test_relay_delivery import message, send
+from mailworld.world import MailWorld
+
+from .conftest import NewMailbox, RelaydSetupFactory, custom_tenant
+from .relayd_proc import ALL_LOGS
+from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +22,9 @@ def _forms(secret: str) -> list[str]:
     return [secret, base64.b64encode(raw).decode(), base64.b64encode(b"\0app\0" + raw).decode()]
 
 
-def test_debug_logs_hold_no_secret(mail_world, new_mailbox, relayd_setup, tmp_path):
+def test_debug_logs_hold_no_secret(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relayd_setup: RelaydSetupFactory, tmp_path: Path
+) -> None:
     sender, rcpt = new_mailbox("logs"), new_mailbox("rcpt")
     wrong_upstream = "Wr0ng-upstream-Pa55"
     setup = relayd_setup(

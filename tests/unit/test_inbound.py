@@ -28,7 +28,8 @@ from relayd.inbound.handler import InboundHandler, LoginGuard
 from relayd.inbound.listeners import Listeners, bind_listeners, start_listeners
 from relayd.inbound.server import RelaySMTP, auth_offered, read_data_section, with_enhanced_code
 from relayd.passwords import hash_password
-from relayd.spool.store import GroupCommitter, Reception, Spool
+from relayd.spool.reception import GroupCommitter, Reception
+from relayd.spool.store import Spool
 
 HELO = "app01.acme.example"
 PASSWORD = "s3cret pass"

@@ -144,7 +144,9 @@ def seed(tmp_path: Path, **changes: object) -> None:
     TokenStore(tmp_path, fsync=False).save(StoredTokens(**{**rec.__dict__, **changes}))
 
 
-async def test_many_waiters_cause_one_refresh(tmp_path, account, monkeypatch) -> None:
+async def test_many_waiters_cause_one_refresh(
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed(tmp_path)
     provider = Scripted([Grant("at-1", NOW + 3600, "rt-1")])
     tokens = sources(tmp_path, provider, monkeypatch)
@@ -156,7 +158,7 @@ async def test_many_waiters_cause_one_refresh(tmp_path, account, monkeypatch) ->
 
 
 async def test_stored_fresh_token_is_used_and_expiring_one_refreshed(
-    tmp_path, account, monkeypatch
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed(tmp_path, access_token="at-stored", expires_at=NOW + 3600)
     provider = Scripted([])
@@ -171,7 +173,9 @@ async def test_stored_fresh_token_is_used_and_expiring_one_refreshed(
     assert stored is not None and stored.refresh_token == "rt-0"  # not rotated: kept
 
 
-async def test_unavailable_endpoint_keeps_the_file(tmp_path, account, monkeypatch) -> None:
+async def test_unavailable_endpoint_keeps_the_file(
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed(tmp_path)
     path = TokenStore(tmp_path, fsync=False).path_for("a@example.com")
     before = path.read_bytes()
@@ -181,7 +185,9 @@ async def test_unavailable_endpoint_keeps_the_file(tmp_path, account, monkeypatc
     assert path.read_bytes() == before
 
 
-async def test_no_consent_yet_needs_relayd_auth(tmp_path, account, monkeypatch) -> None:
+async def test_no_consent_yet_needs_relayd_auth(
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     provider = Scripted([ConsentRequired("no OAuth consent stored; run `relayd auth x`")])
     with pytest.raises(ConsentRequired):
         await sources(tmp_path, provider, monkeypatch).access_token(account)
@@ -189,7 +195,7 @@ async def test_no_consent_yet_needs_relayd_auth(tmp_path, account, monkeypatch) 
 
 
 async def test_a_newer_consent_is_not_overwritten_by_a_rotation(
-    tmp_path, account, monkeypatch
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed(tmp_path)
     store = TokenStore(tmp_path, fsync=False)
@@ -213,7 +219,9 @@ async def test_a_newer_consent_is_not_overwritten_by_a_rotation(
     assert stored is not None and (stored.refresh_token, stored.consent_id) == ("rt-consent", "c2")
 
 
-async def test_rejected_token_is_not_offered_again(tmp_path, account, monkeypatch) -> None:
+async def test_rejected_token_is_not_offered_again(
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed(tmp_path, access_token="at-stored", expires_at=NOW + 3600)
     provider = Scripted([Grant("at-new", NOW + 3600, None)])
     tokens = sources(tmp_path, provider, monkeypatch)
@@ -222,7 +230,9 @@ async def test_rejected_token_is_not_offered_again(tmp_path, account, monkeypatc
     assert (await tokens.access_token(account)).value == "at-new"
 
 
-async def test_consent_id_and_forget(tmp_path, account, monkeypatch) -> None:
+async def test_consent_id_and_forget(
+    tmp_path: Path, account: AccountConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tokens = sources(tmp_path, Scripted([]), monkeypatch)
     assert tokens.consent_id(account) == ""
     seed(tmp_path, consent_id="c9")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from factories import make_account, make_config
 
@@ -28,17 +30,17 @@ from relayd.ops.service import OperatorEvents
         ("454 4.7.0 Too many login attempts, please try again later", "throttling"),
     ],
 )
-def test_hints(reply, expected):
+def test_hints(reply: str, expected: str) -> None:
     hint = hint_for(reply)
     assert hint is not None and expected in hint
 
 
-def test_no_hint_for_plain_replies():
+def test_no_hint_for_plain_replies() -> None:
     assert hint_for("250 2.0.0 Ok") is None
     assert hint_for("network during connect: refused") is None
 
 
-def test_metrics_text_format():
+def test_metrics_text_format() -> None:
     registry = Registry()
     counter = registry.counter("x_total", "Things", ("account", "status"))
     counter.inc(account='a"b', status="ok")
@@ -55,7 +57,7 @@ def test_metrics_text_format():
     assert '# TYPE depth gauge\ndepth{queue="hold"} 3\n' in text
 
 
-def test_incident_book_once_per_incident_and_cool_down(tmp_path):
+def test_incident_book_once_per_incident_and_cool_down(tmp_path: Path) -> None:
     book = IncidentBook(tmp_path / "alerts.json")
     assert not book.is_open("paused:a", now=100)
     book.open("paused:a", now=100)
@@ -68,7 +70,7 @@ def test_incident_book_once_per_incident_and_cool_down(tmp_path):
     assert not IncidentBook(tmp_path / "alerts.json").is_open("paused:a", now=200)
 
 
-def test_maildrop_format_round_trip_and_refusals():
+def test_maildrop_format_round_trip_and_refusals() -> None:
     drop = Drop("a@x.test", ("b@x.test", "ü@x.test"), b"Subject: s\n\nbody\n")
     assert parse_drop(encode_drop(drop)) == drop
     for raw in (b"", b"garbage", b"RELAYD-MAILDROP 1\n", b'RELAYD-MAILDROP 1\n{"sender": "a"}\n'):
@@ -88,7 +90,7 @@ class RecordingAlerts:
         pass
 
 
-def test_tls_failures_are_recognised_by_their_kind():
+def test_tls_failures_are_recognised_by_their_kind() -> None:
     alerts = RecordingAlerts()
     events = OperatorEvents(alerts, make_config)
     account = make_account("alice@acme.example")

@@ -37,24 +37,24 @@ from relayd.ops.sendmail import (
         (["-bs"], SendmailArgs(smtp_mode=True)),
     ],
 )
-def test_parse_args(argv, expected):
+def test_parse_args(argv: list[str], expected: SendmailArgs) -> None:
     assert parse_args(argv) == expected
 
 
 @pytest.mark.parametrize("argv", [["-X"], ["-f"], ["-bp"], ["-C"]])
-def test_usage_errors(argv):
+def test_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         parse_args(argv)
 
 
-def test_without_i_a_lone_dot_ends_the_message():
+def test_without_i_a_lone_dot_ends_the_message() -> None:
     stream = io.BytesIO(b"Subject: s\n\nline\n.\nafter\n")
     assert read_message(stream, ignore_dots=False) == b"Subject: s\n\nline\n"
     stream = io.BytesIO(b"Subject: s\n\nline\n.\nafter\n")
     assert read_message(stream, ignore_dots=True) == b"Subject: s\n\nline\n.\nafter\n"
 
 
-def test_t_takes_to_cc_bcc_and_removes_bcc():
+def test_t_takes_to_cc_bcc_and_removes_bcc() -> None:
     content = (
         b"To: A <a@x.test>, b@x.test\nCc: c@x.test\nBcc: Hidden <h@x.test>,\n"
         b" h2@x.test\nSubject: hi\n\nBcc: in the body stays\n"
@@ -68,7 +68,7 @@ def test_t_takes_to_cc_bcc_and_removes_bcc():
     assert out.startswith(b"To: A <a@x.test>, b@x.test\nCc: c@x.test\nSubject: hi\n")
 
 
-def test_full_name_adds_a_from_only_when_missing():
+def test_full_name_adds_a_from_only_when_missing() -> None:
     args = SendmailArgs(full_name='Cron "Daemon"', recipients=["b@x.test"])
     out, _ = prepare_message(b"Subject: s\n\nbody\n", args, "root")
     assert out.startswith(b'From: "Cron \\"Daemon\\"" <root>\nSubject: s\n')

@@ -55,8 +55,9 @@ async def test_in_loop_commits_are_batched_durable_and_in_order(
         real_rename(src, dst)
         events.append(("rename", os.path.realpath(dst)))
 
-    monkeypatch.setattr(reception_module.os, "fsync", fsync)
-    monkeypatch.setattr(reception_module.os, "rename", rename)
+    # The reception calls os.fsync and os.rename: patched on the os module itself.
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
 
     async def one(i: int) -> str:
         reception = spool.receive(make_envelope())
@@ -191,7 +192,7 @@ async def test_small_content_is_written_in_one_call_at_commit(
         calls.append(fd)
         return real_writev(fd, buffers)
 
-    monkeypatch.setattr(reception_module.os, "writev", writev)
+    monkeypatch.setattr(os, "writev", writev)  # the reception calls os.writev
     envelope: Envelope = make_envelope()
     reception = spool.receive(envelope)
     for i in range(100):

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from factories import make_envelope, place
 
-import relayd.spool.store as store_module
 from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.queues import Queue
 from relayd.errors import SpoolError
@@ -177,8 +176,9 @@ async def test_concurrent_commits_are_batched_and_each_durable(
         real_rename(src, dst)
         events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
 
-    monkeypatch.setattr(store_module.os, "fsync", fsync)
-    monkeypatch.setattr(store_module.os, "rename", rename)
+    # The store calls os.fsync and os.rename: patched on the os module itself.
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
 
     async def one(i: int) -> str:
         reception = spool.receive(make_envelope(queue_id=f"C{i:019d}"))
@@ -237,7 +237,7 @@ async def test_a_cancelled_commit_does_not_fail_the_rest_of_its_batch(
             await tasks[1]
     finally:
         release.set()
-    results = await asyncio.gather(tasks[0], tasks[2], return_exceptions=True)
+    results = list(await asyncio.gather(tasks[0], tasks[2], return_exceptions=True))
     assert results == [receptions[0].queue_id, receptions[2].queue_id]
     for qid in results:
         assert spool.load(str(qid), Queue.INCOMING).read_content() == MESSAGE
@@ -378,7 +378,7 @@ async def test_state_write_interrupted_before_rename_keeps_the_old_state(
     def crash(src: object, dst: object) -> None:
         raise OSError(errno.EIO, "simulated crash before rename")
 
-    monkeypatch.setattr(store_module.os, "rename", crash)
+    monkeypatch.setattr(os, "rename", crash)  # the store calls os.rename
     with pytest.raises(OSError):
         spool.write_state(qid, old.but(attempts=2))
     monkeypatch.undo()

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from factories import make_account
@@ -114,7 +115,7 @@ async def scripted() -> AsyncIterator[Scripted]:
         server.close()
 
 
-def imap_account(port: int, **changes: object) -> AccountConfig:
+def imap_account(port: int, **changes: Any) -> AccountConfig:
     server = ImapServer("127.0.0.1", port, TlsMode.NONE, None, None, None, None)
     base = make_account("ops@host.example", password="pw")
     return dataclasses.replace(base, imap=dataclasses.replace(server, **changes))
