@@ -5,8 +5,8 @@ too long`` and has no enhanced status codes on its own replies (aiosmtpd 1.4). T
 subclass keeps its command loop, its AUTH mechanisms and its STARTTLS (which discards
 plaintext buffered before the handshake, CVE-2024-34083) and replaces the rest:
 
-- DATA is read in large blocks, decoded by ``relayd.inbound.data`` and written to the spool
-  as it arrives; ``250`` only after the spool file and its directory are fsync'd;
+- DATA is read in large blocks (``relayd.inbound.datastream``), decoded and written to the
+  spool as it arrives; ``250`` only after the spool file and its directory are fsync'd;
 - only ``<CR><LF>.<CR><LF>`` ends DATA (SMTP smuggling, CVE-2023-51764 / CVE-2024-27305);
 - EHLO advertises what relayd does, AUTH only over TLS or on loopback/unix listeners;
 - every 2xx/4xx/5xx reply carries an enhanced status code (RFC 2034 §3), and an internal
@@ -22,23 +22,20 @@ import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Callable
 from typing import AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from relayd.config.model import AuthPolicy, ListenerConfig
 from relayd.core.routing import UnixUser
-from relayd.inbound.data import HEADER_TOO_LARGE_REPLY, DataDecoder, HeaderSection
+from relayd.inbound.datastream import MessageStream, read_data_section
 from relayd.inbound.handler import InboundHandler, RelaySession, Transaction, hook_names
-from relayd.inbound.submission import INTERNAL_REPLY, STORAGE_REPLY, MessageSink
+from relayd.inbound.submission import INTERNAL_REPLY
 from relayd.unixsocket import peer_user
 
 __all__ = [
-    "STORAGE_REPLY",
     "RelaySMTP",
     "auth_offered",
-    "read_data_section",
     "with_enhanced_code",
 ]
 
@@ -62,12 +59,6 @@ class _RedactUnknownCommand(logging.Filter):
 
 _AIOSMTPD_LOG.addFilter(_RedactUnknownCommand())
 
-# A DATA read takes up to this much at once when no line boundary is near (the reader's
-# limit is aiosmtpd's 1001-byte line length for commands).
-DATA_READ_LIMIT = 1 << 18
-# Decoded content goes to the spool in blocks of about this size.
-_BATCH = 1 << 16
-_DOT_CRLF = b".\r\n"
 # RFC 5321 §4.5.3.1.4: 512 octets, plus what the extensions in use add to MAIL FROM:
 # SIZE= (RFC 1870: 26), SMTPUTF8 (RFC 6531: 10), BODY=8BITMIME, AUTH= (RFC 4954: 500).
 _MAIL_LINE_LIMIT = 512 + 26 + 10 + 16 + 500
@@ -120,134 +111,6 @@ def _plain_ip(ip: str) -> str:
 def _peer_unix_user(transport: asyncio.BaseTransport) -> UnixUser | None:
     sock = transport.get_extra_info("socket")
     return None if sock is None else peer_user(sock)
-
-
-async def read_data_section(
-    reader: asyncio.StreamReader,
-    feed: Callable[[bytes], None],
-    progress: Callable[[], None] = lambda: None,
-    read_limit: int = DATA_READ_LIMIT,
-) -> None:
-    """Read up to and including the end of DATA, passing everything before it to ``feed``.
-
-    The end is the first ``.<CR><LF>`` whose dot starts a line, i.e. follows a CRLF:
-    ``\\r\\n.\\r\\n`` and nothing else (``\\n.\\n``, ``\\r.\\r\\n`` and the like are content).
-    Reading up to each ``.<CR><LF>``, rather than up to ``<CR><LF>.<CR><LF>``, lets the CRLF
-    that ended the DATA command count for the first line: an empty message (``.<CR><LF>``
-    right after 354) ends where it should, and no pipelined command after it is swallowed.
-    ``before`` holds the two bytes that preceded each read. The bytes after the end stay in
-    the reader for the command loop (PIPELINING, RFC 2920).
-    """
-    saved_limit = reader._limit  # type: ignore[attr-defined]
-    reader._limit = read_limit  # type: ignore[attr-defined]
-    before = b"\r\n"  # the end of the DATA command line
-    try:
-        while True:
-            try:
-                chunk = await reader.readuntil(_DOT_CRLF)
-            except asyncio.LimitOverrunError as exc:
-                # No ".\r\n" within the limit: take what cannot hold the start of one
-                # (readuntil leaves the last two bytes in the buffer).
-                chunk = await reader.readexactly(exc.consumed)
-                feed(chunk)
-                before = (before + chunk)[-2:]
-                progress()
-                continue
-            progress()
-            content = chunk[:-3]
-            if (before + content)[-2:] == b"\r\n":
-                feed(content)
-                return
-            feed(chunk)
-            before = chunk[-2:]
-    finally:
-        reader._limit = saved_limit  # type: ignore[attr-defined]
-
-
-class _MessageStream:
-    """One message on its way from the DATA stream to the spool.
-
-    Errors of the spool or the policy are remembered, not raised: the server must read on to
-    the end of DATA before it may reply, or the rest of the message would be taken as
-    commands (RFC 5321 §4.2.5, and the smuggling the terminator rule is there to stop).
-    """
-
-    def __init__(self, sink: MessageSink) -> None:
-        self.sink = sink
-        self.decoder = DataDecoder(sink.max_size)
-        self.headers = HeaderSection()
-        self.reply: str | None = None  # the refusal, once there is one
-        self._started = False  # the header section passed and the spool file is open
-        self._batch: list[bytes] = []
-        self._batched = 0
-
-    def feed(self, raw: bytes) -> None:
-        if self.reply is not None:
-            return
-        self._batch.append(raw)
-        self._batched += len(raw)
-        if self._batched >= _BATCH:
-            self._store(self.decoder.feed(self._take_batch()), final=False)
-
-    async def finish(self) -> str:
-        if self.reply is None:
-            content = self.decoder.feed(self._take_batch())
-            self._store(content + self.decoder.end(), final=True)
-        if self.reply is not None:
-            return self.reply
-        try:
-            # Not shielded, and need not be: a client hanging up while the fsync runs
-            # cancels this wait, not the commit (``Reception.submit``). The message then
-            # stays queued without its 250, and may come twice if the client retries.
-            await self.sink.commit()
-        except OSError as exc:  # SpoolError included: nothing was acknowledged
-            log.error("%s: spool commit failed: %s", self.sink.envelope.peer, exc)
-            return STORAGE_REPLY
-        except Exception:
-            log.exception("%s: spool commit failed", self.sink.envelope.peer)
-            return INTERNAL_REPLY
-        return f"250 2.0.0 queued as {self.sink.envelope.queue_id}"
-
-    def _take_batch(self) -> bytes:
-        raw = b"".join(self._batch)
-        self._batch.clear()
-        self._batched = 0
-        return raw
-
-    def _store(self, content: bytes, *, final: bool) -> None:
-        if self.reply is not None:
-            return
-        if self.decoder.refusal is not None:
-            self._refuse(self.decoder.refusal)
-            return
-        try:
-            if self._started:
-                if content:
-                    self.sink.write(content)
-                return
-            split = self.headers.feed(content)
-            if split is None and final:
-                split = self.headers.finish()
-            if split is None:
-                if self.headers.too_large:
-                    self._refuse(HEADER_TOO_LARGE_REPLY)
-                return
-            refusal = self.sink.start(*split)
-            if refusal is not None:
-                self._refuse(refusal)
-                return
-            self._started = True
-        except OSError as exc:  # disk full, or any SpoolError: 452, never a partial file
-            log.error("%s: cannot spool message: %s", self.sink.envelope.peer, exc)
-            self._refuse(STORAGE_REPLY)
-        except Exception:
-            log.exception("%s: error while receiving a message", self.sink.envelope.peer)
-            self._refuse(INTERNAL_REPLY)
-
-    def _refuse(self, reply: str) -> None:
-        self.reply = reply
-        self._batch.clear()
-        self.sink.abort()
 
 
 class RelaySMTP(SMTP):
@@ -471,7 +334,7 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        stream = _MessageStream(
+        stream = MessageStream(
             self.relay_handler.open_message(self.relay_session(), self.transaction())
         )
         await self.push("354 End data with <CR><LF>.<CR><LF>")

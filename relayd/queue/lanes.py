@@ -10,18 +10,25 @@ not route the message anew.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.routing import find_account
+from relayd.tasks import TaskSet
 from relayd.upstream.transport import Transport
 
-__all__ = ["RATE_WINDOW", "Lane", "Lanes"]
+__all__ = ["IDLE_SESSION_SECONDS", "RATE_WINDOW", "Lane", "LaneWorkers", "Lanes"]
+
+log = logging.getLogger(__name__)
 
 # max_messages_per_minute counts the messages started in the last minute.
 RATE_WINDOW = 60.0
+# A transport left without a message this long is closed (QUIT).
+IDLE_SESSION_SECONDS = 30.0
 
 
 @dataclass(eq=False)
@@ -77,3 +84,65 @@ class Lanes:
 
     def __iter__(self) -> Iterator[Lane]:
         return iter(list(self._lanes.values()))
+
+
+class LaneWorkers:
+    """The workers of every lane: up to ``max_connections`` per account, each taking the
+    lane's next message at the lane's pace and keeping its transport open between them.
+
+    ``next_message(lane)``: the next queue id to attempt (None when the lane's line holds
+    nothing to do); ``attempt(lane, queue id, transport)``: one attempt, returning the
+    transport to keep.
+    """
+
+    def __init__(
+        self,
+        *,
+        next_message: Callable[[Lane], str | None],
+        attempt: Callable[[Lane, str, Transport | None], Awaitable[Transport | None]],
+        clock: Callable[[], float],
+        tasks: TaskSet,
+    ) -> None:
+        self.next_message = next_message
+        self.attempt = attempt
+        self.clock = clock
+        self.tasks = tasks
+        self.stopping = False
+
+    def spawn(self, lane: Lane) -> None:
+        while lane.ready and lane.workers < lane.max_connections and not self.stopping:
+            lane.workers += 1
+            self.tasks.spawn(self._work(lane))
+
+    async def _work(self, lane: Lane) -> None:
+        transport = lane.take_idle()
+        try:
+            while lane.ready and not self.stopping:
+                pause = lane.wait_for_pace(self.clock())
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
+                queue_id = self.next_message(lane)
+                if queue_id is None:
+                    continue
+                try:
+                    transport = await self.attempt(lane, queue_id, transport)
+                except Exception:
+                    log.exception(
+                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
+                    )
+                    if transport is not None:
+                        transport.close()
+                        transport = None
+        finally:
+            lane.workers -= 1
+            if transport is not None and transport.is_open:
+                lane.idle.append(transport)
+                asyncio.get_running_loop().call_later(
+                    IDLE_SESSION_SECONDS, self._close_idle, lane, transport
+                )
+
+    def _close_idle(self, lane: Lane, transport: Transport) -> None:
+        if transport in lane.idle:
+            lane.idle.remove(transport)
+            self.tasks.spawn(transport.quit())

@@ -19,7 +19,6 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from relayd.config.model import AccountConfig, Config, SpoolConfig
 from relayd.core.health import AccountHealth, credentials_fingerprint
@@ -27,11 +26,13 @@ from relayd.core.queues import Queue
 from relayd.errors import SpoolError
 from relayd.queue.arrivals import Inlet
 from relayd.queue.attempt import AttemptRunner
+from relayd.queue.commands import StoppedQueue
 from relayd.queue.events import DeliveryEvents
 from relayd.queue.intake import SpoolIntake, SpoolRead
-from relayd.queue.lanes import Lane, Lanes
+from relayd.queue.lanes import Lane, Lanes, LaneWorkers
 from relayd.queue.notices import SenderNotices
 from relayd.queue.timers import RetryTimers
+from relayd.queue.tracking import Tracked, Tracker
 from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
 from relayd.spool.store import Spool
 from relayd.sync.filing import FilingStage
@@ -43,18 +44,7 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
 
-IDLE_SESSION_SECONDS = 30.0
 TIMER_TICK_SECONDS = 60.0
-
-
-@dataclass(slots=True)
-class _Tracked:
-    """Where one message is, as far as the scheduler knows."""
-
-    queue: Queue
-    account: str | None = None  # None while only its name is known (start-up intake)
-    fresh: bool = False  # accepted since the start and never attempted: no state file
-    in_line: bool = False  # waiting in its lane's ready queue
 
 
 class Scheduler:
@@ -83,7 +73,7 @@ class Scheduler:
         self.clock = clock
         self.rand = rand
         self.book = HealthBook(accounts)
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked = Tracker()
         self._lanes = Lanes(config)
         self._timers = RetryTimers()
         self._wake = asyncio.Event()
@@ -109,6 +99,9 @@ class Scheduler:
             clock=clock,
             rand=rand,
         )
+        self._workers = LaneWorkers(
+            next_message=self._next_message, attempt=self._attempt, clock=clock, tasks=self._tasks
+        )
         self.intake = SpoolIntake(spool, take=self._take_read, done=self._release_unpaused_holds)
         inlet.connect(self.new_mail, self.requeued)
 
@@ -128,7 +121,7 @@ class Scheduler:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Drain: no new attempts; wait for the ones in flight, then close sessions."""
-        self._stopping = True
+        self._stopping = self._workers.stopping = True
         self._wake.set()
         # A delivery cancelled here leaves its message in active/: retried after restart.
         await self._tasks.drain(timeout, cancel_late=True)
@@ -190,7 +183,7 @@ class Scheduler:
     def _release_unpaused_holds(self) -> None:
         """Held mail of accounts that are not paused (any more) goes back in line, unless the
         operator holds it."""
-        for queue_id, tracked in list(self._tracked.items()):
+        for queue_id, tracked in self._tracked.items():
             if tracked.queue is not Queue.HOLD or tracked.account is None:
                 continue
             if self.health(tracked.account).paused:
@@ -215,7 +208,7 @@ class Scheduler:
             account = self._account_in_file(queue_id, Queue.INCOMING)
             if account is None:
                 return
-        self._tracked[queue_id] = _Tracked(Queue.INCOMING, account, fresh=True)
+        self._tracked.track(queue_id, Tracked(Queue.INCOMING, account, fresh=True))
         self._make_ready(queue_id, account)
 
     def requeued(self, queue_id: str) -> None:
@@ -230,7 +223,7 @@ class Scheduler:
             account = self._account_in_file(queue_id, Queue.INCOMING)
             if account is None:
                 return
-        self._tracked[queue_id] = _Tracked(Queue.INCOMING, account)
+        self._tracked.track(queue_id, Tracked(Queue.INCOMING, account))
         self._make_ready(queue_id, account)
 
     def _account_in_file(self, queue_id: str, queue: Queue) -> str | None:
@@ -240,10 +233,10 @@ class Scheduler:
             msg = self.spool.load_if_present(queue_id, queue)
         except SpoolError as exc:
             self.spool.quarantine(queue_id, queue, str(exc))
-            self._tracked.pop(queue_id, None)
+            self._tracked.forget(queue_id)
             return None
         if msg is None:
-            self._tracked.pop(queue_id, None)
+            self._tracked.forget(queue_id)
             return None
         return msg.envelope.account
 
@@ -251,7 +244,7 @@ class Scheduler:
         """Start-up intake: the message is known by name; its envelope is read later."""
         if queue_id in self._tracked:
             return False
-        self._tracked[queue_id] = _Tracked(queue)
+        self._tracked.track(queue_id, Tracked(queue))
         return True
 
     def _take_read(self, read: SpoolRead) -> None:
@@ -277,14 +270,15 @@ class Scheduler:
             self._wake.set()
 
     def forget(self, queue_id: str) -> None:
-        self._tracked.pop(queue_id, None)
+        self._tracked.forget(queue_id)
 
     def _make_ready(self, queue_id: str, account: str) -> None:
-        tracked = self._tracked[queue_id]
+        tracked = self._tracked.get(queue_id)
+        assert tracked is not None
         tracked.queue, tracked.account, tracked.in_line = Queue.INCOMING, account, True
         lane = self._lanes.of(account)
         lane.ready.append(queue_id)
-        self._spawn_workers(lane)
+        self._workers.spawn(lane)
 
     # -- where messages go (the attempt's ``Parking``) -----------------------------------
 
@@ -336,53 +330,31 @@ class Scheduler:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
 
-    # -- workers ------------------------------------------------------------------------
+    # -- workers (relayd.queue.lanes) ---------------------------------------------------
 
-    def _spawn_workers(self, lane: Lane) -> None:
-        while lane.ready and lane.workers < lane.max_connections and not self._stopping:
-            lane.workers += 1
-            self._tasks.spawn(self._work(lane))
+    def _next_message(self, lane: Lane) -> str | None:
+        queue_id = lane.ready.popleft()
+        tracked = self._tracked.get(queue_id)
+        if tracked is None or not tracked.in_line:
+            return None  # withdrawn by an operator's command meanwhile
+        tracked.in_line = False
+        return queue_id
 
-    async def _work(self, lane: Lane) -> None:
-        transport = lane.take_idle()
+    async def _attempt(
+        self, lane: Lane, queue_id: str, transport: Transport | None
+    ) -> Transport | None:
+        tracked = self._tracked.get(queue_id)
+        assert tracked is not None
+        fresh, tracked.fresh = tracked.fresh, False
+        tracked.queue = Queue.ACTIVE
         try:
-            while lane.ready and not self._stopping:
-                queue_id = lane.ready.popleft()
-                tracked = self._tracked.get(queue_id)
-                if tracked is None or not tracked.in_line:
-                    continue  # withdrawn by an operator's command meanwhile
-                tracked.in_line = False
-                pause = lane.wait_for_pace(self.clock())
-                while pause > 0:
-                    await asyncio.sleep(pause)
-                    pause = lane.wait_for_pace(self.clock())
-                fresh, tracked.fresh = tracked.fresh, False
-                tracked.queue = Queue.ACTIVE
-                try:
-                    transport = await self._attempts.run(lane, queue_id, transport, fresh=fresh)
-                except Exception:
-                    # A bug must not strand the message: it stays spooled and is retried.
-                    log.exception(
-                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
-                    )
-                    if transport is not None:
-                        transport.close()
-                        transport = None
-                    tracked_now = self._tracked.get(queue_id)
-                    if tracked_now is not None and tracked_now.queue is Queue.ACTIVE:
-                        self.defer(queue_id, self.clock() + self.config.spool.retry.first)
-        finally:
-            lane.workers -= 1
-            if transport is not None and transport.is_open:
-                lane.idle.append(transport)
-                asyncio.get_running_loop().call_later(
-                    IDLE_SESSION_SECONDS, self._close_idle, lane, transport
-                )
-
-    def _close_idle(self, lane: Lane, transport: Transport) -> None:
-        if transport in lane.idle:
-            lane.idle.remove(transport)
-            self._tasks.spawn(transport.quit())
+            return await self._attempts.run(lane, queue_id, transport, fresh=fresh)
+        except Exception:
+            # A bug must not strand the message: it stays spooled and is retried.
+            now = self._tracked.get(queue_id)
+            if now is not None and now.queue is Queue.ACTIVE:
+                self.defer(queue_id, self.clock() + self.config.spool.retry.first)
+            raise
 
     # -- paused accounts ----------------------------------------------------------------
 
@@ -436,24 +408,9 @@ class Scheduler:
 
     def messages(self, queue: Queue, account: str | None) -> list[str]:
         if queue in (Queue.COPY, Queue.CORRUPT):
-            # Not the scheduler's: the filing stage's, or nobody's.
-            return [
-                qid
-                for qid in self.spool.list(queue)
-                if account is None or self._account_of_file(qid, queue) == account
-            ]
-        return sorted(
-            qid
-            for qid, tracked in self._tracked.items()
-            if tracked.queue is queue and (account is None or tracked.account == account)
-        )
-
-    def _account_of_file(self, queue_id: str, queue: Queue) -> str | None:
-        try:
-            msg = self.spool.load_if_present(queue_id, queue)
-        except SpoolError:
-            return None
-        return msg.envelope.account if msg is not None else None
+            # Not the scheduler's: the filing stage's, or nobody's. Read from the spool.
+            return StoppedQueue(self.spool).messages(queue, account)
+        return self._tracked.in_queue(queue, account)
 
     def moved(self, queue_id: str, queue: Queue) -> None:
         tracked = self._tracked.get(queue_id)
@@ -464,10 +421,10 @@ class Scheduler:
             self.requeued(queue_id)
             return
         if tracked is None:
-            tracked = self._tracked[queue_id] = _Tracked(queue)
+            tracked = self._tracked.track(queue_id, Tracked(queue))
         tracked.queue, tracked.fresh = queue, False
         if tracked.account is None:
-            tracked.account = self._account_of_file(queue_id, queue)
+            tracked.account = self._account_in_file(queue_id, queue)
 
     def removed(self, queue_id: str) -> None:
         self.forget(queue_id)

@@ -24,9 +24,10 @@ from relayd.config.model import AuthPolicy, Config, ListenerConfig, TlsMode
 from relayd.core.envelope import Envelope
 from relayd.core.queues import Queue
 from relayd.errors import SpoolError
+from relayd.inbound.datastream import read_data_section
 from relayd.inbound.handler import InboundHandler, LoginGuard
 from relayd.inbound.listeners import Listeners, bind_listeners, start_listeners
-from relayd.inbound.server import RelaySMTP, auth_offered, read_data_section, with_enhanced_code
+from relayd.inbound.server import RelaySMTP, auth_offered, with_enhanced_code
 from relayd.passwords import hash_password
 from relayd.spool.reception import GroupCommitter, Reception
 from relayd.spool.store import Spool
