@@ -5,7 +5,7 @@ change is a rename from one queue to another, and ``relayd.spool.store.Spool.mov
 any rename this table does not list. So "a delivered message never goes upstream again" or
 "nothing leaves corrupt/" is a property of one table, not of every caller's care.
 
-``tmp/`` (receptions in progress), ``state/``, ``spare/`` and ``free/`` are the spool's own
+``tmp/`` (receptions in progress), ``state/`` and ``free/`` are the spool's own
 bookkeeping, not queues: nothing in them is ever scheduled.
 """
 

@@ -126,6 +126,8 @@ class MessageSink:
         # The Message-ID rides in the envelope: the Sent-copy step looks for it.
         self.envelope = dataclasses.replace(self.envelope, message_id=result.message_id)
         self._reception = self.spool.receive(self.envelope)
+        # The spool may give the message the queue id of a file reserved for it.
+        self.envelope = self._reception.envelope
         self._reception.write(result.head)
         if rest and not rest.startswith(b"\r\n"):
             self._reception.write(b"\r\n")  # the body had no separator line before it

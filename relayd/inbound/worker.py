@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: The environment variable that hands a re-executed accepting process its descriptors.
 SPEC_ENV = "RELAYD_ACCEPT_SPEC"
 DRAIN_SECONDS = 30.0
-SPARE_FILES = 8
+RESERVED_FILES = 8
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 
@@ -117,16 +117,16 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
     redactor.set_secrets(config.secret_values())
     announcer = Announcer(channels.announcer)
     # This process only receives: its commits may run on its event loop, and files are
-    # created ahead of need (relayd.spool.reception).
+    # reserved in incoming/ ahead of need (relayd.spool.reserved).
     spool = Spool(
         config.state_directory,
         commit_in_loop=True,
-        spare_files=SPARE_FILES,
+        reserved_files=RESERVED_FILES,
         share=share,
         key=spool_key(config.spool),
     )
-    if spool.spares is not None:
-        spool.spares.refill()
+    if spool.reserved is not None:
+        spool.reserved.refill()
     handler = InboundHandler(
         config=config,
         spool=spool,
@@ -165,8 +165,8 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
     loop.remove_reader(channels.parent_alive)
     await listeners.close(grace=DRAIN_SECONDS)
     announcer.flush()
-    if spool.spares is not None:
-        spool.spares.close()
+    if spool.reserved is not None:
+        spool.reserved.close()
     return 0
 
 

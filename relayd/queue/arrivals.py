@@ -29,6 +29,8 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from relayd.spool.fileformat import is_complete
+
 __all__ = ["Announcer", "ArrivalInbox", "Inlet", "arrival_channel"]
 
 log = logging.getLogger(__name__)
@@ -203,12 +205,22 @@ class ArrivalInbox:
             except Exception:
                 log.exception("scan of incoming/ failed")
 
+    def _messages_among(self, names: set[str]) -> set[str]:
+        found = set()
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                if is_complete(os.stat(self.incoming / name).st_mode):
+                    found.add(name)
+        return found
+
     async def scan(self) -> int:
         """Adopt what has waited in incoming/ unannounced since the last scan; the count."""
         names = await asyncio.to_thread(os.listdir, self.incoming)
         unknown = {n for n in names if not self.knows(n) and _QUEUE_ID_TEXT.fullmatch(n)}
+        # Files reserved for receptions still in progress are no news (relayd.spool.reserved).
+        candidates = await asyncio.to_thread(self._messages_among, unknown & self._unknown)
         found = 0
-        for queue_id in sorted(unknown & self._unknown):
+        for queue_id in sorted(candidates):
             if not self.knows(queue_id):
                 log.info("found in incoming/ without an announcement", extra={"queue_id": queue_id})
                 self._arrived(queue_id, None)

@@ -27,6 +27,7 @@ from relayd.errors import SpoolError
 from relayd.queue.events import DeliveryEvents
 from relayd.queue.lanes import Lane
 from relayd.queue.notices import SenderNotices
+from relayd.spool.message import InProgress
 from relayd.spool.store import Spool, StoredMessage
 from relayd.sync.filing import FilingStage
 from relayd.upstream.delivery import AccountSignal, AttemptReport, Deliverer
@@ -96,6 +97,13 @@ class AttemptRunner:
         try:
             self.spool.move(queue_id, Queue.INCOMING, Queue.ACTIVE)
             msg = self.spool.load(queue_id, Queue.ACTIVE, preload=PRELOAD_BYTES)
+        except InProgress:
+            # Reserved for a reception still under way (nothing announces those): put back;
+            # its accepting process announces it once it is a message.
+            log.warning("not a message yet; left to its reception", extra={"queue_id": queue_id})
+            parking.park(queue_id, Queue.INCOMING)
+            parking.forget(queue_id)
+            return transport
         except FileNotFoundError:
             parking.forget(queue_id)  # deleted by the operator meanwhile
             return transport

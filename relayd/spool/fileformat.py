@@ -10,6 +10,11 @@ quarantined rather than sent (Postfix discards queue files without their end rec
 same way). A file sealed with ``spool.key`` (``relayd.spool.sealing``) starts ``RELAYD1S``;
 its header is the salt and the sealed envelope, its content sealed segments, and its
 trailer counts the content as stored.
+
+The file's mode says whether it is a message yet: 0600 is a complete message; 0200 (written
+by its owner, read by nobody) is a file reserved in ``incoming/`` for a reception that has
+not finished (``relayd.spool.reserved``), which nothing may read, move or count. Postfix
+marks its complete queue files the same way, with a mode bit.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from relayd.core.envelope import Envelope
 from relayd.errors import SpoolError
 
 __all__ = [
+    "COMPLETE_MODE",
     "HEAD_READ",
     "MAGIC",
+    "RESERVED_MODE",
     "SEALED_MAGIC",
     "TRAILER_LEN",
     "Head",
     "encode_plain",
     "head",
+    "is_complete",
     "parse_head",
     "trailer",
 ]
@@ -39,6 +47,14 @@ TRAILER_LEN = len(TRAILER_PREFIX) + 16 + 2  # 16 hex digits of content length + 
 HEAD_READ = 1 << 13
 # The first line is short: the magic and a decimal length.
 _FIRST_LINE_MAX = 64
+# A message file's mode once it is complete, and while it is reserved for a reception.
+COMPLETE_MODE = 0o600
+RESERVED_MODE = 0o200
+
+
+def is_complete(mode: int) -> bool:
+    """Whether a file of this ``st_mode`` is a complete message (and not a reserved one)."""
+    return bool(mode & 0o400)
 
 
 def head(header: bytes, *, sealed: bool = False) -> bytes:

@@ -16,10 +16,15 @@ from pathlib import Path
 from relayd.core.envelope import Envelope
 from relayd.core.queues import Queue
 from relayd.errors import SpoolError
-from relayd.spool.fileformat import HEAD_READ, TRAILER_LEN, parse_head, trailer
+from relayd.spool.fileformat import HEAD_READ, TRAILER_LEN, is_complete, parse_head, trailer
 from relayd.spool.sealing import SALT_BYTES, FileCipher, plaintext_length
 
-__all__ = ["StoredMessage", "read_message"]
+__all__ = ["InProgress", "StoredMessage", "read_message"]
+
+
+class InProgress(FileNotFoundError):
+    """The file is reserved for a reception that has not finished: not a message yet, and
+    not to be touched (``relayd.spool.reserved``)."""
 
 
 @dataclass(frozen=True)
@@ -88,13 +93,17 @@ def read_message(
     """Open and check the message file at ``path``; a file of at most ``preload`` bytes is
     read whole, content included. ``cipher_for(queue id, salt)`` opens a sealed one.
 
-    Raises FileNotFoundError when there is no such file, SpoolError when it is damaged.
+    Raises FileNotFoundError when there is no such file (``InProgress``: not yet a message),
+    SpoolError when it is damaged.
     """
     name = os.path.basename(path)
     # One open, one fstat and, for a file of at most ``preload`` bytes, one read.
     try:
         with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            if not is_complete(st.st_mode):
+                raise InProgress(path)
+            size = st.st_size
             whole = size <= preload
             data = f.read(size if whole else HEAD_READ)
             layout = parse_head(data)
@@ -118,6 +127,11 @@ def read_message(
                 end_record = f.read(TRAILER_LEN)
     except (FileNotFoundError, SpoolError):
         raise
+    except PermissionError as exc:
+        # A reserved file is not readable by its owner (0200): no message yet, no damage.
+        if not is_complete(os.stat(path).st_mode):
+            raise InProgress(path) from None
+        raise SpoolError(f"unreadable: {exc}") from exc
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise SpoolError(f"unreadable: {exc}") from exc
     length = size - offset - TRAILER_LEN

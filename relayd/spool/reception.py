@@ -1,12 +1,12 @@
-"""Receiving into the spool: a message's file in ``tmp/``, then the group commit into
-``incoming/`` (file fsync, rename, directory fsync) that must finish before the 250.
+"""Receiving into the spool: a message's file, and the commit that must finish before the 250.
 
-A reception is written to ``tmp/``, fsync'd, renamed into ``incoming/`` and the directory
-fsync'd before the SMTP server may answer 250 (RFC 5321 §6.1). Commits from concurrent
-connections are batched by ``GroupCommitter``: N concurrent connections cost about one
-directory fsync, not N. An accepting process also keeps a few spare files created ahead
-(``relayd.spool.spares``), so that creating a file (an inode allocation, slow on a busy
-file system) is not in the time a client waits for its 250.
+A message must be on disk, under its name in ``incoming/``, before the SMTP server may answer
+250 (RFC 5321 §6.1). A reception in an accepting process writes into a file reserved in
+``incoming/`` ahead of need (``relayd.spool.reserved``), whose name is durable already: its
+commit marks the file complete and fsyncs it, one flush. Any other reception is written in
+``tmp/``, fsync'd, renamed into ``incoming/`` and the directory fsync'd. Commits from
+concurrent connections are batched by ``GroupCommitter``: N concurrent connections cost
+about one directory fsync, not N.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import BinaryIO
 
 from relayd.core.envelope import Envelope
 from relayd.errors import SpoolError
-from relayd.spool.fileformat import head, trailer
+from relayd.spool.fileformat import COMPLETE_MODE, head, trailer
+from relayd.spool.reserved import Reserved
 from relayd.spool.sealing import SegmentSealer, SpoolKey
 
 __all__ = ["SPILL_BYTES", "GroupCommitter", "Reception", "fsync_dir"]
@@ -65,32 +66,37 @@ class Reception:
     costs one write system call. Bigger messages spill to the file as they arrive, so memory
     stays bounded whatever the size.
 
-    ``spare``: an open file made ahead (``SpareFiles.take``) and whether it still holds an
-    old message; ``key``: seals the envelope and the content when it seals new files.
+    ``path``: where the file is written: its ``tmp/`` name, or, with ``reserved`` (a file
+    reserved in ``incoming/``, whose queue id the envelope carries), its final name;
+    ``key``: seals the envelope and the content when it seals new files.
     """
 
     def __init__(
         self,
         envelope: Envelope,
-        tmp_path: Path,
+        path: Path,
         committer: GroupCommitter,
         *,
         key: SpoolKey | None = None,
-        spare: tuple[int, bool] | None = None,
+        reserved: Reserved | None = None,
     ) -> None:
         self.envelope = envelope
         self.queue_id = envelope.queue_id
-        self.tmp_path = tmp_path
+        self.path = path
         self.committer = committer
         self.length = 0
+        # Durable under its name in incoming/: the spool's from then on, never undone here.
+        self.committed = False
+        # Written where it will stay: committing it is marking it complete, no rename.
+        self.in_place = reserved is not None
         # A reused file still holds an old message: it is overwritten from its start and cut
         # to this one's length before it is synced, so no byte of the old one survives.
-        self._reused = spare is not None and spare[1]
+        self._reused = reserved is not None and reserved.reused
         self._written = 0
-        if spare is not None:
-            fd = spare[0]
+        if reserved is not None:
+            fd = reserved.fd
         else:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, COMPLETE_MODE)
         # Unbuffered: the buffering is ``_pending``, written with writev.
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
         header = envelope.to_json()
@@ -135,8 +141,10 @@ class Reception:
         self._pending_size = 0
 
     def finish_file(self, *, sync: bool = True) -> None:
-        """Write what is pending and the trailer, fsync (unless told not to) and close."""
+        """Write what is pending and the trailer, mark the file complete, fsync (unless told
+        not to) and close."""
         assert self._file is not None
+        fd = self._file.fileno()
         if self._sealer is not None:
             self._store(self._sealer.finish())
         end = trailer(self._stored)
@@ -144,9 +152,13 @@ class Reception:
         self._pending_size += len(end)
         self._spill()
         if self._reused:
-            os.ftruncate(self._file.fileno(), self._written)
+            os.ftruncate(fd, self._written)
+        if self.in_place:
+            # The mode is in the inode, which this fsync writes with the data: after a crash
+            # the file is a whole message, or still marked reserved and removed at start.
+            os.fchmod(fd, COMPLETE_MODE)
         if sync:
-            os.fsync(self._file.fileno())
+            os.fsync(fd)
         self._file.close()
         self._file = None
 
@@ -178,24 +190,29 @@ class Reception:
         """Blocking: make the message durable in ``directory`` (a queue other than
         ``incoming/``, such as ``copy/`` for a DSN); aborted on failure. For relayd's own
         small messages, from a worker thread."""
+        assert not self.in_place, "a reserved file is committed where it is"
         try:
             self.finish_file(sync=fsync)
-            os.rename(self.tmp_path, directory / self.queue_id)
+            os.rename(self.path, directory / self.queue_id)
             if fsync:
                 fsync_dir(directory)
         except BaseException:
             self.abort()
             raise
+        self.committed = True
 
     def abort(self) -> None:
+        if self.committed:
+            return  # durable and acknowledged, or about to be: the spool's now
         self._pending = []
         self._pending_size = 0
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
+        # (A reserved file is given up with it: a new one is reserved at the next refill.)
         with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
+            self.path.unlink()
 
 
 class GroupCommitter:
@@ -211,7 +228,7 @@ class GroupCommitter:
     time per message). A batch that takes longer than ``SLOW_BATCH_SECONDS`` sends the next
     ones to the thread for ``SLOW_DISK_SECONDS``, so a slow disk never stalls every session.
 
-    ``after_batch`` runs once a batch's sessions have been woken (refilling spare files).
+    ``after_batch`` runs once a batch's sessions have been woken (reserving new files).
     """
 
     def __init__(
@@ -283,7 +300,7 @@ class GroupCommitter:
                         fut.set_exception(result)
                 # Scheduled after the wake-ups of the waiting sessions, which run first and
                 # write their replies before any of this: log lines, announcements and new
-                # spare files (a file creation can take longer than the fsync) come after.
+                # reserved files (a directory fsync) come after.
                 for (_, _, on_durable), result in zip(batch, results, strict=True):
                     if result is None and on_durable is not None:
                         loop.call_soon(on_durable)
@@ -294,30 +311,39 @@ class GroupCommitter:
 
     def _sync_batch(self, receptions: list[Reception]) -> list[Exception | None]:
         results: list[Exception | None] = []
-        moved: list[str] = []
+        renamed: list[Reception] = []  # committed through tmp/: their names need a dir fsync
         for reception in receptions:
             if not reception.is_open:
                 results.append(SpoolError(f"{reception.queue_id}: reception was aborted"))
                 continue
             try:
                 reception.finish_file(sync=self.fsync)
-                os.rename(reception.tmp_path, self._prefix + reception.queue_id)
-                moved.append(reception.queue_id)
+                if reception.in_place:
+                    reception.committed = True  # its name was durable already
+                else:
+                    os.rename(reception.path, self._prefix + reception.queue_id)
+                    renamed.append(reception)
                 results.append(None)
             except OSError as exc:
                 reception.abort()
                 results.append(SpoolError(f"{reception.queue_id}: cannot commit: {exc.strerror}"))
-        if moved and self.fsync:
+        if renamed and self.fsync:
             try:
                 self._fsync_incoming()
             except OSError as exc:
                 # Not durable, so not accepted: take the files back out before the clients
                 # hear 452, or a message they will resend would also go out from here.
-                for queue_id in moved:
+                for reception in renamed:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._prefix + queue_id)
+                        os.unlink(self._prefix + reception.queue_id)
                 err = SpoolError(f"cannot sync spool directory: {exc.strerror}")
-                results = [err if r is None else r for r in results]
+                failed = {id(r) for r in renamed}
+                return [
+                    err if id(reception) in failed else result
+                    for reception, result in zip(receptions, results, strict=True)
+                ]
+        for reception in renamed:
+            reception.committed = True
         return results
 
     def _fsync_incoming(self) -> None:

@@ -3,7 +3,9 @@
 Layout under ``<state_directory>/spool`` (directories 0700, files 0600)::
 
     tmp/        receptions in progress; removed at start, never delivered
-    incoming/   accepted and durable, waiting for the scheduler
+    incoming/   accepted and durable, waiting for the scheduler; also files reserved for
+                receptions in progress (mode 0200, relayd.spool.reserved), which are not
+                messages yet: passed over by every listing, removed at start
     active/     being delivered; put back into incoming/ at start
     deferred/   waiting for their next attempt
     hold/       kept and not attempted: paused account, or held by the operator
@@ -11,7 +13,6 @@ Layout under ``<state_directory>/spool`` (directories 0700, files 0600)::
                 sent upstream again (relayd.sync)
     corrupt/    quarantined: truncated or unreadable, never sent
     state/      <id>.json, the delivery state after an attempt (absent = never tried)
-    spare/      empty files made ahead of need by accepting processes; removed at start
     free/       files of delivered messages, to be overwritten by new receptions rather
                 than deleted (see ``retire``); not a queue: nothing in it is ever sent,
                 and it is emptied at start
@@ -39,10 +40,11 @@ from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.queues import Queue, check_move
 from relayd.core.sentcopy import awaits_filing
 from relayd.errors import SpoolError
-from relayd.spool.message import StoredMessage, read_message
+from relayd.spool.fileformat import is_complete
+from relayd.spool.message import InProgress, StoredMessage, read_message
 from relayd.spool.reception import GroupCommitter, Reception, fsync_dir
+from relayd.spool.reserved import ReservedFiles
 from relayd.spool.sealing import SEALED_STATE, FileCipher, SpoolKey
-from relayd.spool.spares import SpareFiles
 
 __all__ = ["RecoveryReport", "Spool", "StoredMessage", "new_queue_id"]
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 
 TMP = "tmp"
 STATE = "state"
-SPARE = "spare"
+SPARE = "spare"  # where earlier versions made files ahead of need; emptied at start
 FREE = "free"
 # At most this many delivered files wait in free/ to be reused.
 FREE_FILES = 512
@@ -77,13 +79,13 @@ class Spool:
         *,
         fsync: bool = True,
         commit_in_loop: bool = False,
-        spare_files: int = 0,
+        reserved_files: int = 0,
         reuse_files: bool = False,
         share: tuple[int, int] = (0, 1),
         key: SpoolKey | None = None,
     ) -> None:
-        """``commit_in_loop`` and ``spare_files``: for a process that only receives (see
-        ``GroupCommitter`` and ``SpareFiles``); ``reuse_files``: ``retire`` keeps files
+        """``commit_in_loop`` and ``reserved_files``: for a process that only receives (see
+        ``GroupCommitter`` and ``ReservedFiles``); ``reuse_files``: ``retire`` keeps files
         for such processes to reuse; ``key``: ``spool.key``, which opens sealed files and,
         with ``encrypt_at_rest``, seals new ones."""
         self.root = state_directory / "spool"
@@ -96,16 +98,23 @@ class Spool:
         self._free_estimate = 0  # files in free/, counted again now and then (see retire)
         self._retired = 0
         self.fsync = fsync
-        self.spares = (
-            SpareFiles(self.root / SPARE, self.root / FREE, spare_files, share)
-            if spare_files
+        self.reserved = (
+            ReservedFiles(
+                self.root / Queue.INCOMING.value,
+                self.root / FREE,
+                new_queue_id,
+                size=reserved_files,
+                share=share,
+                fsync=fsync,
+            )
+            if reserved_files
             else None
         )
         self.committer = GroupCommitter(
             self.root / Queue.INCOMING.value,
             fsync=fsync,
             in_loop=commit_in_loop,
-            after_batch=self.spares.refill if self.spares is not None else None,
+            after_batch=self.reserved.refill if self.reserved is not None else None,
         )
 
     def directory(self, queue: Queue) -> Path:
@@ -137,6 +146,13 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 report.removed_temp += 1
+        with os.scandir(self.directory(Queue.INCOMING)) as found:
+            for entry in found:
+                # Reserved for a reception that never finished (or never started).
+                with contextlib.suppress(FileNotFoundError):
+                    if not is_complete(entry.stat(follow_symlinks=False).st_mode):
+                        os.unlink(entry.path)
+                        report.removed_temp += 1
         for directory in (SPARE, FREE):
             for name in os.listdir(self.root / directory):
                 with contextlib.suppress(FileNotFoundError):
@@ -184,29 +200,57 @@ class Spool:
     # -- receiving ----------------------------------------------------------------------
 
     def receive(self, envelope: Envelope) -> Reception:
-        path = self.root / TMP / envelope.queue_id
-        spare = self.spares.take(path) if self.spares is not None else None
+        """A reception for ``envelope``: into a reserved file when this process has one
+        (the reception's envelope then carries that file's queue id), else a new one."""
+        reserved = self.reserved.take() if self.reserved is not None else None
         try:
-            return Reception(envelope, path, self.committer, key=self.key, spare=spare)
+            if reserved is not None:
+                envelope = dataclasses.replace(envelope, queue_id=reserved.queue_id)
+                path = self.directory(Queue.INCOMING) / reserved.queue_id
+                return Reception(envelope, path, self.committer, key=self.key, reserved=reserved)
+            path = self.root / TMP / envelope.queue_id
+            return Reception(envelope, path, self.committer, key=self.key)
         except OSError as exc:
             raise SpoolError(f"cannot create spool file: {exc.strerror}") from exc
 
     # -- reading and moving -------------------------------------------------------------
 
+    def _complete_in_incoming(self) -> list[str]:
+        names = []
+        with os.scandir(self.directory(Queue.INCOMING)) as found:
+            for entry in found:
+                with contextlib.suppress(FileNotFoundError):
+                    if is_complete(entry.stat(follow_symlinks=False).st_mode):
+                        names.append(entry.name)
+        return names
+
     def list(self, queue: Queue) -> list[str]:
-        return sorted(os.listdir(self.directory(queue)))
+        """The messages in ``queue``, oldest first (reserved files are not messages)."""
+        if queue is not Queue.INCOMING:
+            return sorted(os.listdir(self.directory(queue)))
+        return sorted(self._complete_in_incoming())
+
+    def is_message(self, queue_id: str, queue: Queue) -> bool:
+        """Whether ``queue`` holds ``queue_id`` as a message (not a reserved file)."""
+        try:
+            return is_complete(os.stat(self._dirs[queue] + queue_id).st_mode)
+        except FileNotFoundError:
+            return False
 
     def locate(self, queue_id: str) -> Queue | None:
         for queue in Queue:
-            if os.path.exists(self._dirs[queue] + queue_id):
+            if self.is_message(queue_id, queue):
                 return queue
         return None
 
     def load(self, queue_id: str, queue: Queue, *, preload: int = 0) -> StoredMessage:
         """The envelope and where the content is; raises SpoolError if the file is damaged
-        or missing. A file of at most ``preload`` bytes is read whole, content included."""
+        or missing, ``InProgress`` if it is reserved for a reception not finished yet. A file
+        of at most ``preload`` bytes is read whole, content included."""
         try:
             return self._read(queue_id, queue, preload)
+        except InProgress:
+            raise  # not a message yet: never to be quarantined
         except FileNotFoundError:
             raise SpoolError(f"unreadable: no such file: {queue_id}") from None
 
@@ -254,7 +298,7 @@ class Spool:
     def retire(self, queue_id: str, queue: Queue, *, has_state: bool = True) -> None:
         """Like ``remove``, for a message that is done; but with ``reuse_files``, while
         ``free/`` holds fewer than ``FREE_FILES`` files, its file goes there, to be
-        overwritten by a reception in an accepting process (``SpareFiles``) instead of
+        overwritten by a reception in an accepting process (``ReservedFiles``) instead of
         being deleted.
 
         Deleting a file and creating the next one costs an inode freed and an inode
@@ -318,4 +362,11 @@ class Spool:
         return self.root / STATE / f"{queue_id}.json"
 
     def counts(self) -> dict[Queue, int]:
-        return {queue: len(os.listdir(self._dirs[queue])) for queue in Queue}
+        return {
+            queue: len(
+                self._complete_in_incoming()
+                if queue is Queue.INCOMING
+                else os.listdir(self._dirs[queue])
+            )
+            for queue in Queue
+        }

@@ -50,6 +50,19 @@ def wait_for_group_exit(pgid: int, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def spool_messages(directory: Path) -> list[Path]:
+    """The messages in a spool queue directory: complete files (mode 0600), not the files
+    accepting processes reserve in incoming/ for receptions (mode 0200)."""
+    found = []
+    for path in directory.iterdir() if directory.is_dir() else ():
+        try:
+            if path.stat().st_mode & 0o400:
+                found.append(path)
+        except FileNotFoundError:
+            continue  # moved on meanwhile
+    return sorted(found)
+
+
 def write_secret(path: Path, value: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(value + "\n")

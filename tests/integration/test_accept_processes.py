@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .relayd_proc import Relayd, free_port, proc_stats, write_config
+from .relayd_proc import Relayd, free_port, proc_stats, spool_messages, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -241,7 +241,7 @@ def test_sigterm_lets_a_message_in_data_finish(tmp_path: Path) -> None:
         assert reader.readline().startswith(b"250 2.0.0 queued as")
     assert relayd.proc.wait(40) == 0
     spooled = [
-        p for q in ("incoming", "deferred") for p in (tmp_path / "state/spool" / q).iterdir()
+        p for q in ("incoming", "deferred") for p in spool_messages(tmp_path / "state/spool" / q)
     ]
     delivered = list((capture / "new").iterdir()) if (capture / "new").exists() else []
     assert len(spooled) + len(delivered) == 1

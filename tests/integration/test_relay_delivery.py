@@ -18,6 +18,7 @@ from relayd.core.queues import Queue
 from relayd.spool.store import Spool
 
 from .conftest import Mailbox, NewMailbox, RelayFor
+from .relayd_proc import spool_messages
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +88,7 @@ def send(
 def spooled(state: Path) -> dict[str, list[str]]:
     root = state / "spool"
     return {
-        q: sorted(p.name for p in (root / q).iterdir())
+        q: [p.name for p in spool_messages(root / q)]
         for q in ("incoming", "active", "deferred", "hold")
     }
 

@@ -13,7 +13,7 @@ import pytest
 from mailworld.world import MailWorld
 
 from .conftest import Mailbox, NewMailbox, RelaydSetup, RelayFor
-from .relayd_proc import write_secret
+from .relayd_proc import spool_messages, write_secret
 from .test_relay_delivery import BODY_AS_STORED, body_of, message, send
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def big_message(sender: str, rcpt: str, subject: str) -> bytes:
 
 def spool_files(setup: RelaydSetup) -> list[Path]:
     root = setup.dir / "state" / "spool"
-    return [p for q in ("incoming", "active", "deferred") for p in (root / q).iterdir()]
+    return [p for q in ("incoming", "active", "deferred") for p in spool_messages(root / q)]
 
 
 def test_sealed_spool_shows_nothing_and_delivers_byte_identical(

@@ -87,3 +87,17 @@ async def test_the_scan_adopts_what_waited_unannounced_for_two_looks(tmp_path: P
     assert await inbox.scan() == 1
     assert heard.arrivals == [(QID_A, None)]
     assert await inbox.scan() == 0  # known now
+
+
+async def test_the_scan_passes_over_files_reserved_for_receptions(tmp_path: Path) -> None:
+    heard = Heard()
+    inbox, _ = inbox_for(tmp_path, heard)
+    reserved = tmp_path / QID_A
+    reserved.write_bytes(b"being written")
+    os.chmod(reserved, 0o200)  # relayd.spool.reserved: not a message yet
+    for _ in range(3):
+        assert await inbox.scan() == 0
+    assert heard.arrivals == []
+    os.chmod(reserved, 0o600)  # complete, and its announcement lost: the scan finds it
+    assert await inbox.scan() == 1
+    assert heard.arrivals == [(QID_A, None)]

@@ -1,7 +1,7 @@
-"""Receiving in an accepting process: commits on the event loop, spare files, one write.
+"""Receiving in an accepting process: commits on the event loop, reserved files, one write.
 
 The promise is the same as in the main process (tests/unit/test_spool_store.py): no 250
-before the file and the directory entry are durable; only where and how the work is done
+before the file and its name in incoming/ are durable; only where and how the work is done
 changes.
 """
 
@@ -18,12 +18,13 @@ import pytest
 from factories import make_envelope
 
 import relayd.spool.reception as reception_module
-import relayd.spool.spares as spares_module
+import relayd.spool.reserved as reserved_module
 import relayd.spool.store as store_module
 from relayd.core.envelope import DeliveryState, Envelope
 from relayd.core.queues import Queue
+from relayd.spool.message import InProgress
 from relayd.spool.reception import Reception
-from relayd.spool.store import Spool
+from relayd.spool.store import Spool, new_queue_id
 
 MESSAGE = b"From: alice@acme.example\r\nSubject: hi\r\n\r\nHello\r\n"
 
@@ -32,9 +33,15 @@ def names(spool: Spool, queue: str) -> list[str]:
     return sorted(os.listdir(spool.root / queue))
 
 
+def pool_of(spool: Spool, size: int, share: tuple[int, int]) -> reserved_module.ReservedFiles:
+    return reserved_module.ReservedFiles(
+        spool.root / "incoming", spool.root / "free", new_queue_id, size=size, share=share
+    )
+
+
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path, commit_in_loop=True, spare_files=2)
+    s = Spool(tmp_path, commit_in_loop=True, reserved_files=2)
     s.prepare()
     return s
 
@@ -68,7 +75,7 @@ async def test_in_loop_commits_are_batched_durable_and_in_order(
         return qid
 
     qids = await asyncio.gather(*(one(i) for i in range(20)))
-    assert names(spool, "incoming") == sorted(qids)
+    assert spool.list(Queue.INCOMING) == sorted(qids)
     assert names(spool, "tmp") == []
     root = os.path.realpath(spool.root)
     directory_syncs = [n for n, e in enumerate(events) if e == ("fsync", f"{root}/incoming")]
@@ -102,41 +109,81 @@ async def test_a_slow_disk_sends_the_commits_to_a_thread(
     main = threading.get_ident()
     assert threads[0] == main  # the first batch ran on the loop, and took "too long"
     assert threads[1] != main
-    assert len(names(spool, "incoming")) == 2
+    assert len(spool.list(Queue.INCOMING)) == 2
 
 
-async def test_spare_files_are_taken_renamed_and_refilled(spool: Spool) -> None:
-    assert spool.spares is not None
-    spool.spares.refill()
-    assert len(names(spool, "spare")) == 2
-    envelope = make_envelope()
-    reception = spool.receive(envelope)
-    assert names(spool, "tmp") == [envelope.queue_id]  # a spare, under the reception's name
-    assert len(names(spool, "spare")) == 1
+async def test_a_reserved_file_takes_one_fsync_and_is_no_message_before(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert spool.reserved is not None
+    spool.reserved.refill()
+    reserved = names(spool, "incoming")
+    assert len(reserved) == 2
+    for qid in reserved:
+        assert (spool.root / "incoming" / qid).stat().st_mode & 0o777 == 0o200
+        # Not a message yet: no listing, count, lookup or load takes it for one.
+        assert spool.locate(qid) is None
+        assert spool.load_if_present(qid, Queue.INCOMING) is None
+        with pytest.raises(InProgress):
+            spool.load(qid, Queue.INCOMING)
+    assert spool.list(Queue.INCOMING) == [] and spool.counts()[Queue.INCOMING] == 0
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    reception = spool.receive(make_envelope())
+    queue_id = reception.envelope.queue_id
+    assert queue_id == reserved[0]  # the message takes the reserved file's queue id
     reception.write(MESSAGE)
-    await reception.commit()
-    await asyncio.sleep(0)  # the refill runs after the batch has answered
-    assert len(names(spool, "spare")) == 2
-    assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == MESSAGE
+    await reception.submit()  # as the SMTP session waits for its 250
+    # One flush before the 250: the file's. Its name in incoming/ was durable already.
+    assert synced == [os.path.realpath(spool.root / "incoming" / queue_id)]
+    assert (spool.root / "incoming" / queue_id).stat().st_mode & 0o777 == 0o600
+    assert spool.list(Queue.INCOMING) == [queue_id] and spool.locate(queue_id) is Queue.INCOMING
+    assert spool.load(queue_id, Queue.INCOMING).read_content() == MESSAGE
+    assert names(spool, "tmp") == []
+
+    await asyncio.sleep(0)  # after the batch: the pool is down to half and topped up
+    assert len(spool.reserved) == 2
+    assert len(names(spool, "incoming")) == 3
+    assert synced[1:] == [os.path.realpath(spool.root / "incoming")]  # one fsync for both
 
     aborted = spool.receive(make_envelope())
     aborted.write(MESSAGE)
-    aborted.abort()
-    assert names(spool, "tmp") == []
+    aborted.abort()  # its reserved file is given up with it
+    assert aborted.envelope.queue_id not in names(spool, "incoming")
 
+    report = spool.recover()  # reserved files left over are no message: removed
+    assert names(spool, "incoming") == [queue_id]
+    assert report.removed_temp == 1
+
+
+async def test_a_reception_cut_off_in_a_reserved_file_leaves_nothing(spool: Spool) -> None:
+    assert spool.reserved is not None
+    spool.reserved.refill()
+    half = spool.receive(make_envelope())
+    half.write(MESSAGE * 100_000)  # spilled to the file, the mode still says reserved
+    assert half._file is not None
+    half._file.close()  # the process dies here
+    half._file = None
+    assert spool.list(Queue.INCOMING) == []
     report = spool.recover()
-    assert names(spool, "spare") == []  # spares are not receptions: not counted, just gone
-    assert report.removed_temp == 0
+    assert names(spool, "incoming") == [] and report.removed_temp == 2
 
 
 async def test_after_the_commit_the_session_replies_before_anything_else_runs(
     spool: Spool,
 ) -> None:
-    """The log line, the scheduler's notice and the new spare file come after the 250."""
-    assert spool.spares is not None
-    spool.spares.refill()
+    """The log line, the scheduler's notice and new reserved files come after the 250."""
+    assert spool.reserved is not None
+    spool.reserved.refill()
     order: list[str] = []
-    real_refill = spool.spares.refill
+    real_refill = spool.reserved.refill
 
     def refill() -> None:
         order.append("refill")
@@ -154,7 +201,7 @@ async def test_after_the_commit_the_session_replies_before_anything_else_runs(
     for _ in range(3):
         await asyncio.sleep(0)
     assert order == ["reply 1", "reply 2", "durable 1", "durable 2", "refill"]
-    assert len(names(spool, "incoming")) == 2
+    assert len(spool.list(Queue.INCOMING)) == 2
 
 
 async def test_a_session_cancelled_during_its_commit_leaves_the_message_queued(
@@ -170,16 +217,16 @@ async def test_a_session_cancelled_during_its_commit_leaves_the_message_queued(
     waiting.cancel()
     await asyncio.wait_for(durable.wait(), 5)
     assert waiting.cancelled()
-    assert names(spool, "incoming") == [envelope.queue_id] and names(spool, "tmp") == []
+    assert spool.list(Queue.INCOMING) == [envelope.queue_id] and names(spool, "tmp") == []
     assert spool.load(envelope.queue_id, Queue.INCOMING).read_content() == MESSAGE
 
 
-async def test_when_the_spares_run_out_a_reception_creates_its_file(spool: Spool) -> None:
-    receptions = [spool.receive(make_envelope()) for _ in range(3)]  # none made yet
+async def test_when_no_file_is_reserved_a_reception_creates_its_own(spool: Spool) -> None:
+    receptions = [spool.receive(make_envelope()) for _ in range(3)]  # none reserved yet
     for r in receptions:
         r.write(MESSAGE)
     await asyncio.gather(*(r.commit() for r in receptions))
-    assert len(names(spool, "incoming")) == 3
+    assert len(spool.list(Queue.INCOMING)) == 3
 
 
 async def test_small_content_is_written_in_one_call_at_commit(
@@ -230,22 +277,22 @@ async def test_a_delivered_file_is_reused_and_keeps_nothing_of_its_old_message(
     assert names(main, "active") == []
     inodes = {(main.root / "free" / e.queue_id).stat().st_ino for e in old}
 
-    # An accepting process takes them as spare files.
-    spool = Spool(tmp_path, commit_in_loop=True, spare_files=2)
-    assert spool.spares is not None
-    spool.spares.refill()
+    # An accepting process reserves them in incoming/ for its receptions.
+    spool = Spool(tmp_path, commit_in_loop=True, reserved_files=2)
+    assert spool.reserved is not None
+    spool.reserved.refill()
     assert names(spool, "free") == []
-    new = {b"short": make_envelope(), b"LONGER " * 3000: make_envelope()}
-    for content, envelope in new.items():
-        reception = spool.receive(envelope)
+    new: dict[bytes, str] = {}
+    for content in (b"short", b"LONGER " * 3000):
+        reception = spool.receive(make_envelope())
         reception.write(content)
-        await reception.commit()
-    reused = {(spool.root / "incoming" / e.queue_id).stat().st_ino for e in new.values()}
+        new[content] = await reception.commit()
+    reused = {(spool.root / "incoming" / qid).stat().st_ino for qid in new.values()}
     assert reused == inodes  # the same files, no new inode
-    for content, envelope in new.items():
-        msg = spool.load(envelope.queue_id, Queue.INCOMING)  # whole: trailer and length check
+    for content, qid in new.items():
+        msg = spool.load(qid, Queue.INCOMING)  # whole: trailer and length check
         assert msg.read_content() == content
-        data = (spool.root / "incoming" / envelope.queue_id).read_bytes()
+        data = (spool.root / "incoming" / qid).read_bytes()
         assert b"OLD" not in data and b"old" not in data
 
 
@@ -254,7 +301,7 @@ async def test_free_files_are_bounded_and_removed_at_start(
 ) -> None:
     monkeypatch.setattr(store_module, "FREE_FILES", 2)
     spool.reuse_files = True
-    spool.spares = None  # nobody takes files back out of free/ while this fills it
+    spool.committer.after_batch = None  # nobody takes files back out of free/ while it fills
     for _ in range(4):
         envelope = make_envelope()
         reception = spool.receive(envelope)
@@ -263,7 +310,7 @@ async def test_free_files_are_bounded_and_removed_at_start(
         spool.write_state(envelope.queue_id, DeliveryState(attempts=1))
         spool.retire(envelope.queue_id, Queue.INCOMING)
     assert len(names(spool, "free")) == 2  # the others were deleted
-    assert names(spool, "incoming") == names(spool, "state") == []
+    assert spool.list(Queue.INCOMING) == names(spool, "state") == []
     spool.recover()
     assert names(spool, "free") == []
 
@@ -276,7 +323,7 @@ async def test_without_accepting_processes_done_files_are_deleted(tmp_path: Path
     reception.write(MESSAGE)
     await reception.commit()
     spool.retire(envelope.queue_id, Queue.INCOMING)
-    assert names(spool, "incoming") == names(spool, "free") == []
+    assert spool.list(Queue.INCOMING) == names(spool, "free") == []
 
 
 def test_accepting_processes_take_their_own_shares_of_the_free_files_first(
@@ -287,15 +334,15 @@ def test_accepting_processes_take_their_own_shares_of_the_free_files_first(
     names_in_free = [f"0660C47B815188{i:06X}" for i in range(40)]
     for name in names_in_free:
         (spool.root / "free" / name).write_bytes(b"old")
-    first = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (0, 2))
-    second = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 10, (1, 2))
+    first = pool_of(spool, 10, (0, 2))
+    second = pool_of(spool, 10, (1, 2))
     first.refill()
     second.refill()
     for pool in (first, second):
-        assert len(pool._ready) == 10
-        assert all(reused for _, _, reused in pool._ready)
+        assert len(pool) == 10
+        assert all(r.reused for r in pool._ready)
     left = names(spool, "free")  # ten of each share: neither took from the other's
-    assert sorted(spares_module._share_of(name, 2) for name in left) == [0] * 10 + [1] * 10
+    assert sorted(reserved_module._share_of(name, 2) for name in left) == [0] * 10 + [1] * 10
     first.close()
     second.close()
 
@@ -305,13 +352,15 @@ def test_a_lone_accepting_process_also_takes_the_others_free_files(tmp_path: Pat
     spool.prepare()
     for i in range(6):
         (spool.root / "free" / f"0660C47B815188{2 * i + 1:06X}").write_bytes(b"old")  # odd
-    lone = spares_module.SpareFiles(spool.root / "spare", spool.root / "free", 4, (0, 2))
+    lone = pool_of(spool, 4, (0, 2))
     # Another process took one of the listed files first: skipped, not an error.
-    lone._reuse(spool.root / "spare" / "probe")
-    os.unlink(spool.root / "spare" / "probe")
+    probe = lone._reuse(spool.root / "incoming" / "0000PROBE00000000000", "0000PROBE00000000000")
+    assert probe is not None
+    os.close(probe.fd)
+    os.unlink(spool.root / "incoming" / probe.queue_id)
     taken_by_other = names(spool, "free")[0]
     os.unlink(spool.root / "free" / taken_by_other)
     lone.refill()
-    assert len(lone._ready) == 4 and all(reused for _, _, reused in lone._ready)
+    assert len(lone) == 4 and all(r.reused for r in lone._ready)
     assert len(names(spool, "free")) == 0
     lone.close()

@@ -176,16 +176,16 @@ def test_delivery_state_is_sealed_too_and_read_back(
 
 
 async def test_a_reused_file_keeps_nothing_of_its_old_sealed_message(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, key=KEY, commit_in_loop=True, spare_files=1, reuse_files=True)
+    spool = Spool(tmp_path, key=KEY, commit_in_loop=True, reserved_files=1, reuse_files=True)
     spool.prepare()
     old_id = await store(spool, BIG)
     spool.retire(old_id, Queue.INCOMING, has_state=False)
     assert os.listdir(spool.root / "free") == [old_id]
-    assert spool.spares is not None
-    spool.spares.close()  # the new spare made after the commit: gone, so free/ is used
-    spool.spares._free_listed = 0.0  # free/ may be listed again at once
-    spool.spares.refill()
-    assert os.listdir(spool.root / "free") == []  # the delivered file is the spare now
+    assert spool.reserved is not None
+    spool.reserved.close()  # the file reserved after the commit: given up, so free/ is used
+    spool.reserved._free_listed = 0.0  # free/ may be listed again at once
+    spool.reserved.refill()
+    assert os.listdir(spool.root / "free") == []  # the delivered file is reserved now
     small = b"Subject: short\r\n\r\nafter a long one\r\n"
     new_id = await store(spool, small)
     path = spool.root / "incoming" / new_id
