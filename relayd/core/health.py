@@ -115,6 +115,19 @@ class AccountHealth:
             last_error=detail,
         )
 
+    def on_throttled(self, now: float, reply: str) -> AccountHealth:
+        """The provider asked to slow down: neither a login that worked nor one refused, so
+        the refusal streak stands, and nothing is wrong with the upstream either."""
+        if self.state is AccountState.PAUSED:
+            return replace(self, last_error_at=now, last_error=reply)
+        return replace(
+            self,
+            state=AccountState.DEFERRED,
+            reason=f"throttled by the provider: {reply}",
+            last_error_at=now,
+            last_error=reply,
+        )
+
     def on_message_failure(self, now: float, reply: str) -> AccountHealth:
         """A 4xx/5xx about one message: the account itself is fine (login worked)."""
         return replace(

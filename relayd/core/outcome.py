@@ -19,6 +19,7 @@ __all__ = [
     "Verdict",
     "classify_failure",
     "classify_reply",
+    "is_throttle",
 ]
 
 
@@ -65,7 +66,14 @@ class FailureKind(enum.Enum):
     TIMEOUT = "timeout"
     TLS = "tls"  # handshake or certificate verification failed
     NO_STARTTLS = "no-starttls"  # server does not offer STARTTLS: never fall back to plain
-    PROTOCOL = "protocol"  # garbage, unexpected disconnect
+    PROTOCOL = "protocol"  # garbage, unexpected disconnect, a reply the step does not allow
+    # No usable OAuth grant: none was ever given (``relayd auth`` not run yet), or the token
+    # endpoint refused it (RFC 6749 §5.2 invalid_grant). Said by relayd or the token
+    # endpoint, never by the mail server: the mail is held, as for refused credentials.
+    CONSENT = "consent"
+    # The server offers no login mechanism relayd can use with the account's credentials: a
+    # configuration problem no retry fixes, like a 504 to AUTH; held, never bounced.
+    NO_MECHANISM = "no-mechanism"
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,8 @@ class Failure:
         return "4.4.2" if self.kind in (FailureKind.NETWORK, FailureKind.TIMEOUT) else "4.7.0"
 
     def __str__(self) -> str:
+        if self.kind is FailureKind.CONSENT:
+            return f"no OAuth2 consent: {self.detail}"
         return f"{self.kind.value} during {self.phase.value}: {self.detail}"
 
 
@@ -131,4 +141,24 @@ def classify_reply(phase: Phase, reply: Reply) -> Verdict:
 
 def classify_failure(failure: Failure) -> Verdict:
     # Network, TLS and timeouts never bounce and never pause: the mail waits (SPEC deferred).
+    # A missing or refused grant is the credentials refused: held (SPEC "held": invalid_grant).
+    if failure.kind in (FailureKind.CONSENT, FailureKind.NO_MECHANISM):
+        return Verdict.HELD
     return Verdict.DEFERRED
+
+
+# Replies that mean "you are sending too much, too fast or on too many connections" rather
+# than anything about this message: RFC 3463 class 4.7.x ("security or policy status") on
+# 421/450/451/454 (Gmail's "421 4.7.0 Try again later", "454 4.7.0 Too many login attempts",
+# "451 4.7.500 Server busy"), and Microsoft's "432 4.3.2 Concurrent connections limit
+# exceeded" / "421 4.3.2 The maximum number of concurrent server connections has exceeded".
+_THROTTLE_CODES = {421, 450, 451, 454}
+
+
+def is_throttle(reply: Reply) -> bool:
+    if reply.code == 432:
+        return True
+    if reply.code not in _THROTTLE_CODES:
+        return False
+    enhanced = reply.enhanced
+    return enhanced.startswith("4.7.") or enhanced == "4.3.2"

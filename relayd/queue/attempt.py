@@ -11,6 +11,7 @@ state in hand, so nothing is read twice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -155,6 +156,19 @@ class AttemptRunner:
             return None  # the transport was dropped mid-DATA
         lane.logins += report.sessions_opened
         now = self.clock()
+        if report.signal is AccountSignal.THROTTLED:
+            # The whole lane slows down (relayd.core.throttle): one connection fewer than
+            # were in use, and a pause before its next attempt.
+            lane.throttle = lane.throttle.on_throttled(now, in_use=max(1, lane.workers))
+            log.warning(
+                "throttled by the provider (%s): %d connections, next attempt in %.0f s",
+                report.detail,
+                lane.max_connections,
+                lane.throttle.wait(now),
+                extra=logx,
+            )
+        elif any(r.verdict is Verdict.DELIVERED for r in report.results):
+            lane.throttle = lane.throttle.on_delivered(now, lane.configured_connections)
         paused = self._apply_signal(account, report, now, settings, logx)
         plan = plan_after_attempt(
             envelope,
@@ -167,6 +181,10 @@ class AttemptRunner:
             account_paused=paused,
             delay_warning=settings.delay_warning,
         )
+        if report.signal is AccountSignal.THROTTLED and plan.target is Target.DEFERRED:
+            # Tried again when the lane opens, not on the retry schedule.
+            due = max(now, lane.throttle.paused_until)
+            plan = dataclasses.replace(plan, state=plan.state.but(next_attempt_at=due))
         self._log(msg, plan, report, now, logx)
         await self._carry_out(msg, account, plan, settings, logx, has_state=not fresh)
         return transport
@@ -204,6 +222,8 @@ class AttemptRunner:
             )
             if report.cause is not None:
                 self.events.connection_failed(account, report.cause)
+        elif report.signal is AccountSignal.THROTTLED:
+            health = health.on_throttled(now, report.detail)
         elif report.signal is AccountSignal.SEND_AS_DENIED:
             log.error("ALERT send-as refused by the provider: %s", report.detail, extra=logx)
             health = health.on_message_failure(now, report.detail)

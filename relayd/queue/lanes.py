@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.routing import find_account
+from relayd.core.throttle import Throttle
 from relayd.tasks import TaskSet
 from relayd.upstream.transport import Transport
 
@@ -41,14 +42,22 @@ class Lane:
     started_at: deque[float] = field(default_factory=deque)  # for the per-minute limit
     logins: int = 0
     probing: bool = False
+    throttle: Throttle = field(default_factory=Throttle)  # the provider's "slow down"
+
+    @property
+    def configured_connections(self) -> int:
+        return max(1, self.account.limits.max_connections) if self.account is not None else 1
 
     @property
     def max_connections(self) -> int:
-        return max(1, self.account.limits.max_connections) if self.account is not None else 1
+        return self.throttle.connection_limit(self.configured_connections)
 
     def wait_for_pace(self, now: float) -> float:
-        """Seconds until the per-minute limit lets one more message start; 0.0 means start
-        now, and the start is counted."""
+        """Seconds until the lane may start one more message: a throttle pause, or the
+        per-minute limit; 0.0 means start now, and the start is counted."""
+        paused = self.throttle.wait(now)
+        if paused > 0:
+            return paused
         per_minute = self.account.limits.max_messages_per_minute if self.account else 0
         if per_minute <= 0:
             return 0.0
@@ -134,8 +143,14 @@ class LaneWorkers:
                     if transport is not None:
                         transport.close()
                         transport = None
+                if lane.workers > lane.max_connections:
+                    break  # the lane was throttled to fewer connections: this one goes
         finally:
             lane.workers -= 1
+            if transport is not None and lane.workers + len(lane.idle) >= lane.max_connections:
+                # Open connections count against the provider's limit, idle ones too.
+                transport.close()
+                transport = None
             if transport is not None and transport.is_open:
                 lane.idle.append(transport)
                 asyncio.get_running_loop().call_later(

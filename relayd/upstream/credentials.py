@@ -1,9 +1,10 @@
 """Where an upstream login gets its credential: the app password, or an OAuth2 access token.
 
 Token errors are mapped here, at the boundary, into what ``relayd.core.outcome`` classifies:
-an unreachable or failing token endpoint is a ``Failure`` (deferred, tokens kept); a refused
-grant (``invalid_grant``, no consent yet) is a ``Reply`` in ``Phase.TOKEN`` that counts as
-credentials refused (held, then paused), carrying the hint to run ``relayd auth``.
+an unreachable or failing token endpoint is a network ``Failure`` (deferred, tokens kept); a
+refused grant (``invalid_grant``) or no consent yet is a ``Failure`` of kind ``CONSENT``,
+which counts as credentials refused (held, then paused) and carries the hint to run
+``relayd auth``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relayd.config.model import AccountConfig
-from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+from relayd.core.outcome import Failure, FailureKind, Phase
 from relayd.log import redactor
 from relayd.oauth.tokens import AccessToken, ConsentRequired, TokenEndpointUnavailable, TokenSource
 from relayd.upstream.transport import AttemptError
@@ -68,9 +69,11 @@ class AccountCredentials:
                 Phase.TOKEN, Failure(Phase.TOKEN, FailureKind.NETWORK, str(exc))
             ) from None
         except ConsentRequired as exc:
-            # RFC 4954's 535 5.7.8 "authentication credentials invalid": what the provider
-            # would say, had relayd sent it the dead grant.
-            raise AttemptError(Phase.TOKEN, Reply(535, f"5.7.8 {exc}")) from None
+            # Said by relayd or the token endpoint, not by the mail server: no SMTP reply is
+            # made up for it. Held like refused credentials (SPEC "held": invalid_grant).
+            raise AttemptError(
+                Phase.TOKEN, Failure(Phase.TOKEN, FailureKind.CONSENT, str(exc))
+            ) from None
         # The XOAUTH2 client response is base64 of the whole string, not of the token alone.
         redactor.add_secret(f"user={account.username}\x01auth=Bearer {token.value}\x01\x01")
         return Credential(account.username, token.value, Mechanism.XOAUTH2, token)

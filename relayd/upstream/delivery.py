@@ -22,6 +22,7 @@ from relayd.core.outcome import (
     classify_failure,
     classify_reply,
     is_send_as_refusal,
+    is_throttle,
 )
 from relayd.core.states import RecipientResult
 from relayd.upstream.capture import CaptureTransport
@@ -38,6 +39,7 @@ class AccountSignal(enum.Enum):
     CREDENTIALS_REFUSED = "credentials-refused"
     CONNECTION_FAILED = "connection-failed"
     SEND_AS_DENIED = "send-as-denied"
+    THROTTLED = "throttled"  # the provider asked to slow down (relayd.core.throttle)
 
 
 @dataclass
@@ -124,33 +126,56 @@ class UpstreamDeliverer:
         if transport is None or not transport.is_open:
             transport = self.new_transport(account)
         report = AttemptReport(results=[], relay=transport.relay)
+        # SPEC limits.max_recipients: at most that many recipients per transaction. What is
+        # done stays done: a later batch that fails fails for its own recipients only.
+        batches = _batches(pending, account.limits.max_recipients)
         for try_number in (1, 2):
             try:
                 if not transport.is_open:
                     report.sessions_opened += 1
                     await transport.open()
                     report.signal = AccountSignal.LOGIN_OK
-                results: list[RecipientResult] = []
-                for batch in _batches(pending, account.limits.max_recipients):
+                while batches:
+                    batch = batches[0]
                     tx = await transport.send(sender, batch, content, smtputf8=smtputf8)
+                    batches.pop(0)
                     for rcpt in batch:
                         phase, reply = tx.replies[rcpt]
-                        results.append(_result(rcpt, phase, reply))
+                        report.results.append(_result(rcpt, phase, reply))
                         if phase is not Phase.RCPT and is_send_as_refusal(reply):
                             report.signal = AccountSignal.SEND_AS_DENIED
                             report.cause = reply
                         if phase is Phase.MAIL and classify_reply(phase, reply) is Verdict.HELD:
                             report.signal = AccountSignal.CREDENTIALS_REFUSED
                             report.cause = reply
-                report.results = results
+                        elif is_throttle(reply):
+                            report.signal = AccountSignal.THROTTLED
+                            report.cause = reply
+                    if report.signal is AccountSignal.THROTTLED:
+                        # Slow down at once: this connection goes, the rest waits.
+                        transport.close()
+                        assert isinstance(report.cause, Reply)
+                        for rest in batches:
+                            report.results += [_result(r, Phase.MAIL, report.cause) for r in rest]
+                        batches = []
                 return report, transport if transport.is_open else None
             except AttemptError as err:
-                if reused and try_number == 1 and isinstance(err.outcome, Failure):
+                if (
+                    reused
+                    and try_number == 1
+                    and not report.results
+                    and isinstance(err.outcome, Failure)
+                ):
                     # A kept connection the server closed while idle: reconnect once.
                     transport = self.new_transport(account)
                     continue
-                report.results = [_result(r, err.phase, err.outcome) for r in pending]
-                if any(r.verdict is Verdict.HELD for r in report.results):
+                failed = [_result(r, err.phase, err.outcome) for b in batches for r in b]
+                report.results += failed
+                if isinstance(err.outcome, Reply) and is_throttle(err.outcome):
+                    # 421 at the greeting, 454 at AUTH, 432 anywhere: slow down, and a
+                    # login throttled is no login refused (the refusal streak stands).
+                    report.signal = AccountSignal.THROTTLED
+                elif any(r.verdict is Verdict.HELD for r in failed):
                     report.signal = AccountSignal.CREDENTIALS_REFUSED
                 elif isinstance(err.outcome, Failure) or err.phase in (Phase.CONNECT, Phase.EHLO):
                     report.signal = AccountSignal.CONNECTION_FAILED

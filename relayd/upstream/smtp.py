@@ -35,7 +35,7 @@ from relayd.upstream.transport import (
     TransactionResult,
 )
 
-__all__ = ["SmtpSession"]
+__all__ = ["SmtpSession", "login_mechanism"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,20 @@ def _failure_from(exc: BaseException, phase: Phase) -> Failure:
     if isinstance(exc, (aiosmtplib.SMTPConnectError, OSError)):
         return Failure(phase, FailureKind.NETWORK, str(exc) or type(exc).__name__)
     return Failure(phase, FailureKind.PROTOCOL, str(exc) or type(exc).__name__)
+
+
+def login_mechanism(credential: Mechanism, offered: list[str]) -> str | None:
+    """The one SASL mechanism to log in with: XOAUTH2 for a token, else PLAIN (RFC 4616; it
+    carries UTF-8 credentials, and relayd logs in only over TLS or to a loopback hop), else
+    LOGIN; None when the server offers none of them (lower-cased names, as aiosmtplib keeps
+    them)."""
+    names = {name.lower() for name in offered}
+    if credential is Mechanism.XOAUTH2:
+        return "xoauth2" if "xoauth2" in names else None
+    for name in ("plain", "login"):
+        if name in names:
+            return name
+    return None
 
 
 # Checked on every command before it is written, as aiosmtplib checks its own (CR, LF, NUL).
@@ -164,12 +178,42 @@ class SmtpSession:
             log.debug("%s offers no AUTH: local hop, sending without login", self.relay)
             return
         credential = await self.credentials.obtain(self.account)
+        mechanism = login_mechanism(credential.mechanism, smtp.server_auth_methods)
+        if mechanism is None:
+            offered = " ".join(smtp.server_auth_methods) or "none"
+            wanted = "XOAUTH2" if credential.mechanism is Mechanism.XOAUTH2 else "PLAIN or LOGIN"
+            raise AttemptError(
+                Phase.AUTH,
+                Failure(
+                    Phase.AUTH,
+                    FailureKind.NO_MECHANISM,
+                    f"the server offers no login mechanism for these credentials "
+                    f"(AUTH {offered}; relayd logs in with {wanted})",
+                ),
+            )
         try:
-            if credential.mechanism is Mechanism.XOAUTH2:
+            # One login, with one mechanism: aiosmtplib's login() tries every mechanism the
+            # server offers in turn, and a wrong password would then cost two or three
+            # refusals per attempt, enough to trip a provider's lockout.
+            if mechanism == "xoauth2":
                 await self._xoauth2(smtp, credential)
+            elif mechanism == "plain":
+                await smtp.auth_plain(credential.username, credential.secret)
             else:
-                await smtp.login(credential.username, credential.secret)
+                await smtp.auth_login(credential.username, credential.secret)
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code < 400:
+                # RFC 4954 §4: 235 is the one success; any other positive reply means the
+                # server went off script, and the message was not taken.
+                raise AttemptError(
+                    Phase.AUTH,
+                    Failure(
+                        Phase.AUTH,
+                        FailureKind.PROTOCOL,
+                        f"login failed: AUTH answered {exc.code}, expected 235 "
+                        f"({exc.code} {exc.message})",
+                    ),
+                ) from None
             if exc.code // 100 == 5:  # refused, not "try later" (454)
                 self.credentials.rejected(self.account, credential)
             raise AttemptError(Phase.AUTH, Reply(exc.code, exc.message)) from None
@@ -181,8 +225,6 @@ class SmtpSession:
 
     async def _xoauth2(self, smtp: aiosmtplib.SMTP, credential: Credential) -> None:
         """``AUTH XOAUTH2``, ``334``, the response on its own line, ``235`` (see xoauth2)."""
-        if "xoauth2" not in smtp.server_auth_methods:
-            raise aiosmtplib.SMTPResponseException(504, "5.5.4 server does not offer XOAUTH2")
         reply = await smtp.execute_command(b"AUTH", b"XOAUTH2")
         if reply.code != 334:
             raise aiosmtplib.SMTPResponseException(reply.code, reply.message)

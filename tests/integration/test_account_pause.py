@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -102,3 +103,27 @@ def test_a_paused_account_resumes_when_its_probe_login_succeeds(
     assert time.monotonic() - paused_at < 15  # on time, not at some minute's tick
     assert b"Subject: held until the probe" in got
     assert setup.relayd.stop() == 0
+
+
+def test_a_wrong_password_costs_one_auth_command_per_attempt(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
+    sender, rcpt = new_mailbox("oneauth"), new_mailbox("rcpt")
+    setup = relay_for(sender, password="definitely-wrong-too")
+    before = len(mail_world.postfix_log())
+    setup.relayd.start()
+    send(
+        setup.port,
+        sender.address,
+        [rcpt.address],
+        message(sender.address, rcpt.address, "one login per attempt"),
+        login=("app", setup.client_password),
+    )
+    log = setup.relayd.wait_for_log("status=held", timeout=30)  # two refusals: paused
+    attempts = log.count(f"to=<{rcpt.address}>")
+    assert attempts == 2
+    time.sleep(1)  # Postfix's log line may trail the reply
+    refused = re.findall(r"SASL (\w+) authentication failed", mail_world.postfix_log()[before:])
+    # One AUTH command per attempt, with one mechanism: not PLAIN, then LOGIN.
+    assert len(refused) == attempts, refused
+    assert set(refused) == {"PLAIN"}

@@ -238,13 +238,31 @@ def test_reply_str(reply: Reply, text: str) -> None:
     assert str(reply) == text
 
 
-@pytest.mark.parametrize("kind", list(FailureKind))
+# Credentials that cannot be used, said by relayd or the token endpoint rather than the mail
+# server (no consent stored, invalid_grant; no login mechanism for them): held, as a 535 is.
+CREDENTIAL_FAILURES = {FailureKind.CONSENT, FailureKind.NO_MECHANISM}
+
+
+@pytest.mark.parametrize("kind", [k for k in FailureKind if k not in CREDENTIAL_FAILURES])
 @pytest.mark.parametrize("phase", list(Phase))
-def test_classify_failure_always_defers(phase: Phase, kind: FailureKind) -> None:
+def test_classify_failure_defers_network_tls_and_protocol_failures(
+    phase: Phase, kind: FailureKind
+) -> None:
     failure = Failure(phase, kind, "detail")
     assert classify_failure(failure) is Verdict.DEFERRED
     assert failure.enhanced.startswith("4.")
     assert str(failure) == f"{kind.value} during {phase.value}: detail"
+
+
+@pytest.mark.parametrize("kind", [FailureKind.CONSENT, FailureKind.NO_MECHANISM])
+@pytest.mark.parametrize("phase", [Phase.TOKEN, Phase.AUTH])
+def test_classify_failure_holds_unusable_credentials(phase: Phase, kind: FailureKind) -> None:
+    failure = Failure(phase, kind, "detail")
+    assert classify_failure(failure) is Verdict.HELD
+    assert failure.enhanced.startswith("4.")  # held, not bounced: never a 5xx DSN code
+    if kind is FailureKind.CONSENT:
+        # Not "535 ...": no mail server said anything (relayd or the token endpoint did).
+        assert str(failure) == "no OAuth2 consent: detail"
 
 
 @pytest.mark.parametrize(

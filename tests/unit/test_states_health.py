@@ -538,3 +538,15 @@ def test_account_store_load_unknown_account(tmp_path: Path) -> None:
     store = AccountStore(tmp_path)
     assert store.load("New@Acme.Example") == AccountHealth("new@acme.example")
     assert store.load_all() == {}
+
+
+def test_a_throttled_login_neither_counts_nor_clears_the_refusal_streak() -> None:
+    # "454 4.7.0 Too many login attempts" between two refusals: the second still pauses.
+    h = AccountHealth("alice@acme.example")
+    h = h.on_credentials_refused(100.0, "535 5.7.8 bad", probe_after=3600)
+    assert not h.paused and h.credential_refusals == 1
+    h = h.on_throttled(101.0, "454 4.7.0 Too many login attempts")
+    assert h.credential_refusals == 1 and h.state is AccountState.DEFERRED
+    assert "throttled" in h.reason
+    h = h.on_credentials_refused(102.0, "535 5.7.8 bad", probe_after=3600)
+    assert h.paused
