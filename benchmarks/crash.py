@@ -55,9 +55,10 @@ def wait_port(port: int, timeout: float = 20.0) -> bool:
 
 
 class Campaign:
-    def __init__(self, base: Path, senders: int) -> None:
+    def __init__(self, base: Path, senders: int, pause: float) -> None:
         self.base = base
         self.senders = senders
+        self.pause = pause  # between one sender's messages: the spool stays drainable
         self.port = free_port()
         self.capture = base / "capture"
         self.config = base / "relayd.yaml"
@@ -75,6 +76,7 @@ class Campaign:
                             "provider": "capture",
                             "capture": {"path": str(self.capture)},
                             "domains": ["*"],
+                            "sent_copy": "never",  # the delivery is what is counted
                         }
                     },
                 }
@@ -129,6 +131,7 @@ class Campaign:
                         if not refused:  # the 250 came: the message is relayd's now
                             with self.lock:
                                 self.acked.add(n)
+                        time.sleep(self.pause)
             except (OSError, smtplib.SMTPException):
                 time.sleep(0.01)  # the daemon is down: try again
 
@@ -160,10 +163,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--pause", type=float, default=0.02, help="seconds between messages")
     parser.add_argument("--max-uptime", type=float, default=1.5, help="seconds before a kill")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="relayd-crash-", dir="/var/tmp"))
-    campaign = Campaign(base, args.senders)
+    campaign = Campaign(base, args.senders, args.pause)
     stop = threading.Event()
     threads = [
         threading.Thread(target=campaign.sender, args=(stop,), daemon=True)
