@@ -46,7 +46,7 @@ from relayd.spool.sealing import spool_key
 from relayd.spool.store import RecoveryReport, Spool
 from relayd.sync.connections import ImapConnections
 from relayd.sync.filing import FilingStage
-from relayd.tasks import TaskSet
+from relayd.tasks import TaskSet, vitals
 from relayd.upstream.credentials import AccountCredentials
 from relayd.upstream.delivery import UpstreamDeliverer
 
@@ -165,7 +165,7 @@ class Daemon:
         )
         self.scheduler.start()
         self.filing.start()
-        token_watch = loop.create_task(self._watch_token_store())
+        token_watch = vitals.start("token store watch", self._watch_token_store())
         try:
             await self._start_accepting()
         except (RuntimeError, OSError, ssl.SSLError, ValueError) as exc:
@@ -189,6 +189,7 @@ class Daemon:
         notify("READY=1", f"STATUS=accepting; {report.queued} messages queued")
         watchdog = self._start_watchdog()
         await self._stop.wait()
+        vitals.stopping()
         notify("STOPPING=1")
         log.info("stopping: closing listeners, draining deliveries")
         await self._stop_accepting(timeout=DRAIN_SECONDS)
@@ -239,25 +240,30 @@ class Daemon:
 
         async def beat() -> None:
             # Sent from the event loop itself: a blocked loop stops the beats and systemd
-            # restarts the daemon (sd_watchdog_enabled(3)).
-            while True:
+            # restarts the daemon (sd_watchdog_enabled(3)). So does a long-lived task that
+            # died (relayd.tasks.Vitals): a daemon without its retries must not look well.
+            while not vitals.degraded:
                 notify("WATCHDOG=1")
                 await asyncio.sleep(interval)
+            log.critical("watchdog pings stopped: %s", "; ".join(vitals.degraded))
+            notify(f"STATUS=degraded: {'; '.join(vitals.degraded)}")
 
         return asyncio.get_running_loop().create_task(beat())
 
     async def _watch_token_store(self) -> None:
         """A new consent (`relayd auth`) resumes a paused account and releases its held
         mail without a restart: its consent id enters the credentials fingerprint."""
-        seen = await asyncio.to_thread(self.token_store.snapshot)
+        seen: object = None
         while True:
+            try:
+                now = await asyncio.to_thread(self.token_store.snapshot)
+                if seen is not None and now != seen:
+                    self.tokens.forget()
+                    self.scheduler.credentials_changed()
+                seen = now
+            except Exception:  # one round's trouble (an unreadable directory, say)
+                log.exception("cannot look at the token store; trying again")
             await asyncio.sleep(TOKEN_STORE_POLL_SECONDS)
-            now = await asyncio.to_thread(self.token_store.snapshot)
-            if now == seen:
-                continue
-            seen = now
-            self.tokens.forget()
-            self.scheduler.credentials_changed()
 
     async def reload(self) -> bool:
         """SIGHUP: a broken config is refused and the old one keeps serving (SPEC); True if

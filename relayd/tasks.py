@@ -1,4 +1,4 @@
-"""Background tasks a component owns: kept alive, and drained when it stops.
+"""Background tasks a component owns: kept alive, drained when it stops, and watched.
 
 The event loop holds only weak references to tasks (asyncio docs, ``create_task``): a task
 nobody references may be collected mid-run. Each component that starts work in the
@@ -9,10 +9,13 @@ background (delivery workers, IMAP filings, alerts, logouts) keeps its tasks in 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
-__all__ = ["TaskSet"]
+__all__ = ["TaskSet", "Vitals", "vitals"]
+
+log = logging.getLogger(__name__)
 
 
 class TaskSet:
@@ -43,3 +46,50 @@ class TaskSet:
             for task in pending:
                 task.cancel()
             await asyncio.wait(pending, timeout=5)
+
+
+class Vitals:
+    """The daemon's long-lived tasks (timers, scans, watchers), and whether one has died.
+
+    Each such loop catches and logs the errors of one message or one round and carries on
+    (a read-only disk for a few seconds must not end retries for good). If a loop still
+    dies of an exception, that is logged at once with its traceback and the daemon is
+    *degraded*: ``/healthz`` answers 503, ``relayd status``
+    says why, and the watchdog pings stop, so that systemd restarts the daemon
+    (``WatchdogSec=``) rather than leaving it running without, say, its retries.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._died: dict[str, str] = {}
+        self._stopping = False
+
+    def start(self, name: str, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks[name] = task
+        task.add_done_callback(lambda t: self._ended(name, t))
+        return task
+
+    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is None:
+            return  # a loop ends when its component stops
+        why = f"{name} stopped: {exc!r}"
+        self._died[name] = why
+        log.critical("%s; the daemon is degraded and asks to be restarted", why, exc_info=exc)
+
+    def stopping(self) -> None:
+        """From now on tasks end on purpose."""
+        self._stopping = True
+
+    @property
+    def degraded(self) -> list[str]:
+        """Why the daemon is degraded (empty: it is not)."""
+        return sorted(self._died.values())
+
+
+vitals = Vitals()

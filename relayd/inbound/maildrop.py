@@ -37,6 +37,7 @@ from relayd.core.routing import (
 from relayd.inbound.data import SIZE_REPLY
 from relayd.inbound.handler import InboundHandler
 from relayd.inbound.submission import MessageSink, Submission, submit_whole
+from relayd.tasks import vitals
 from relayd.unixsocket import unix_user
 
 __all__ = [
@@ -142,7 +143,7 @@ class MaildropPickup:
         self._wake = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = vitals.start("maildrop pickup", self._loop())
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -39,6 +39,7 @@ from relayd.queue.scheduler import Scheduler
 from relayd.sdnotify import notify
 from relayd.spool.store import Spool
 from relayd.sync.filing import FilingEvents
+from relayd.tasks import vitals
 
 __all__ = ["Operations", "OperatorEvents", "submit_socket_listener"]
 
@@ -154,7 +155,7 @@ class Operations:
         await self.pickup.scan()  # what waited while the daemon was down, before READY=1
         self.pickup.start()
         await self._start_metrics()
-        self._loop_task = asyncio.get_running_loop().create_task(self._housekeeping())
+        self._loop_task = vitals.start("housekeeping", self._housekeeping())
 
     async def stop(self) -> None:
         if self._loop_task is not None:
@@ -208,6 +209,8 @@ class Operations:
         text = f"{queued} queued ({counts[Queue.DEFERRED]} deferred, {counts[Queue.HOLD]} held)"
         if paused:
             text += f"; paused: {', '.join(paused)}"
+        if vitals.degraded:
+            text = f"degraded: {'; '.join(vitals.degraded)}; {text}"
         return text
 
     def _update_status(self) -> None:
@@ -265,6 +268,8 @@ class Operations:
         ]
 
     def _healthy(self) -> tuple[bool, str]:
+        if vitals.degraded:
+            return False, f"degraded: {'; '.join(vitals.degraded)}"
         if not os.access(self.spool.directory(Queue.INCOMING), os.W_OK):
             return False, "spool not writable"
         return True, "ok"
@@ -292,6 +297,7 @@ class Operations:
             "started_at": self.started_at,
             "uptime": time.time() - self.started_at,
             "status": self.status_line(),
+            "degraded": vitals.degraded,
             "accounts": {
                 a.address: self.scheduler.health(a.address).to_dict()
                 for a in self.config.accounts()

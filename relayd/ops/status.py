@@ -45,6 +45,7 @@ class AccountStatus:
 class StatusReport:
     version: str
     running: bool
+    degraded: list[str]  # why the running daemon is degraded (relayd.tasks.Vitals)
     pid: int | None
     uptime: float | None
     spool_messages: int
@@ -163,6 +164,7 @@ def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
     return StatusReport(
         version=str((live or {}).get("version", __version__)),
         running=live is not None,
+        degraded=[str(why) for why in (live or {}).get("degraded", [])],
         pid=(live or {}).get("pid"),
         uptime=(live or {}).get("uptime"),
         spool_messages=sum(n for q, n in queues.items() if q != Queue.CORRUPT.value),
@@ -209,7 +211,12 @@ def _short(text: str, width: int) -> str:
 
 def render_table(report: StatusReport, now: float | None = None) -> str:
     del now
-    if report.running:
+    if report.running and report.degraded:
+        head = (
+            f"relayd {report.version}: degraded: {'; '.join(report.degraded)} "
+            f"(pid {report.pid}, up {_duration(report.uptime or 0)}; restart it)"
+        )
+    elif report.running:
         head = (
             f"relayd {report.version}: running (pid {report.pid}), "
             f"up {_duration(report.uptime or 0)}"

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relayd.spool.fileformat import is_complete
+from relayd.tasks import vitals
 
 __all__ = ["Announcer", "ArrivalInbox", "Inlet", "arrival_channel"]
 
@@ -161,7 +162,7 @@ class ArrivalInbox:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.sock.fileno(), self._readable)
-        self._scan_task = loop.create_task(self._scan_loop())
+        self._scan_task = vitals.start("scan of incoming/", self._scan_loop())
 
     async def stop(self) -> None:
         """Stop listening; what is still in the socket is read first."""

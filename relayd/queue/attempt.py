@@ -45,7 +45,13 @@ PRELOAD_BYTES = 1 << 18
 class Parking(Protocol):
     """How the attempt tells the scheduler where a message went (the scheduler moves it)."""
 
-    def park(self, queue_id: str, target: Queue, source: Queue = Queue.ACTIVE) -> None: ...
+    def park(self, queue_id: str, target: Queue, source: Queue = Queue.ACTIVE) -> bool:
+        """Move it; False if it is gone, or the disk refused (then it is retried later)."""
+        ...
+
+    def retry_later(self, queue_id: str, where: Queue, why: str) -> None:
+        """The disk refused a step: the message stays in ``where`` and is taken up again."""
+        ...
 
     def defer(self, queue_id: str, due: float) -> None:
         """Park in ``deferred/`` with a retry at ``due``."""
@@ -97,6 +103,13 @@ class AttemptRunner:
         parking = self.parking
         try:
             self.spool.move(queue_id, Queue.INCOMING, Queue.ACTIVE)
+        except FileNotFoundError:
+            parking.forget(queue_id)  # deleted by the operator meanwhile
+            return transport
+        except OSError as exc:  # a read-only or full disk: not this message's fault
+            parking.retry_later(queue_id, Queue.INCOMING, f"cannot start an attempt: {exc}")
+            return transport
+        try:
             msg = self.spool.load(queue_id, Queue.ACTIVE, preload=PRELOAD_BYTES)
         except InProgress:
             # Reserved for a reception still under way (nothing announces those): put back;

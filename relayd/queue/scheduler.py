@@ -36,7 +36,7 @@ from relayd.queue.tracking import Tracked, Tracker
 from relayd.spool.accounts import HEALTH_SAVE_SECONDS, AccountStore, HealthBook
 from relayd.spool.store import Spool
 from relayd.sync.filing import FilingStage
-from relayd.tasks import TaskSet
+from relayd.tasks import TaskSet, vitals
 from relayd.upstream.delivery import Deliverer
 from relayd.upstream.transport import Transport
 
@@ -45,6 +45,8 @@ __all__ = ["Scheduler"]
 log = logging.getLogger(__name__)
 
 TIMER_TICK_SECONDS = 60.0
+# The longest wait before a message the disk refused to move is looked at again.
+MAX_TROUBLE_WAIT = 60.0
 
 
 class Scheduler:
@@ -117,7 +119,7 @@ class Scheduler:
         self.apply_credentials()
         self.intake.list_spool(self._reserve)
         self.intake.start()
-        self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
+        self._timer_task = vitals.start("retry timer", self._timer_loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Drain: no new attempts; wait for the ones in flight, then close sessions."""
@@ -282,20 +284,38 @@ class Scheduler:
 
     # -- where messages go (the attempt's ``Parking``) -----------------------------------
 
-    def park(self, queue_id: str, target: Queue, source: Queue = Queue.ACTIVE) -> None:
+    def park(self, queue_id: str, target: Queue, source: Queue = Queue.ACTIVE) -> bool:
+        """Move a message; False if it is gone, or if the disk refused (then it stays in
+        ``source`` and is looked at again a little later)."""
         if source is target:
-            return
+            return True
         try:
             self.spool.move(queue_id, source, target)
         except FileNotFoundError:
             self.forget(queue_id)
-            return
+            return False
+        except OSError as exc:  # read-only, full, an I/O error: a per-message trouble
+            self.retry_later(queue_id, source, f"cannot move it to {target}/: {exc}")
+            return False
         tracked = self._tracked.get(queue_id)
         if tracked is not None:
-            tracked.queue = target
+            tracked.queue, tracked.troubles = target, 0
+        return True
+
+    def retry_later(self, queue_id: str, where: Queue, why: str) -> None:
+        """The disk refused a step of this message: it stays in ``where`` and is taken up
+        again after a short, growing wait (the timer loop), instead of being stranded."""
+        tracked = self._tracked.get(queue_id) or self._tracked.track(queue_id, Tracked(where))
+        tracked.queue, tracked.in_line = where, False
+        tracked.troubles += 1
+        wait = min(MAX_TROUBLE_WAIT, 2.0 ** min(tracked.troubles, 8))
+        log.error("%s; trying again in %.0f s", why, wait, extra={"queue_id": queue_id})
+        self._timers.add(queue_id, self.clock() + wait)
+        self._wake.set()
 
     def defer(self, queue_id: str, due: float) -> None:
-        self.park(queue_id, Queue.DEFERRED)
+        if not self.park(queue_id, Queue.DEFERRED):
+            return
         if queue_id in self._tracked:
             self._timers.add(queue_id, due)
             self._wake.set()
@@ -303,32 +323,51 @@ class Scheduler:
     # -- timers -------------------------------------------------------------------------
 
     async def _timer_loop(self) -> None:
+        errors = 0
         while not self._stopping:
-            now = self.clock()
-            for queue_id in self._timers.due(now):
-                tracked = self._tracked.get(queue_id)
-                if tracked is None or tracked.queue is not Queue.DEFERRED:
-                    continue  # held, flushed or deleted by the operator meanwhile
-                self.park(queue_id, Queue.INCOMING, Queue.DEFERRED)
-                if queue_id in self._tracked:
-                    self.requeued(queue_id)
-            self._probe_paused(now)
-            if self.book.unsaved:
-                self.book.flush()
-            delay = TIMER_TICK_SECONDS
-            next_due = self._timers.next_due()
-            if next_due is not None:
-                delay = min(delay, next_due - now)
-            if self.book.unsaved:
-                delay = min(delay, HEALTH_SAVE_SECONDS)
-            # SPEC: a paused account is probed every retry.max, on time rather than at the
-            # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
-            probes = [h.retry_at for h in self.book if h.paused and h.retry_at > now]
-            if probes:
-                delay = min(delay, min(probes) - now)
+            try:
+                delay = self._timer_round()
+                errors = 0
+            except Exception:
+                # One round's trouble must not end retries for good (relayd.tasks.Vitals):
+                # logged, and the next round comes a little later.
+                errors += 1
+                delay = min(MAX_TROUBLE_WAIT, 2.0**errors)
+                log.exception("retry timer round failed; next round in %.0f s", delay)
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+
+    def _timer_round(self) -> float:
+        """Due messages back in line, paused accounts probed; seconds until the next round."""
+        now = self.clock()
+        for queue_id in self._timers.due(now):
+            tracked = self._tracked.get(queue_id)
+            if tracked is None or tracked.busy or tracked.in_line:
+                continue
+            if tracked.queue is Queue.DEFERRED or tracked.queue is Queue.ACTIVE:
+                # Its retry time came; or the disk refused to move it after an attempt, and
+                # it is tried afresh (at-least-once).
+                if self.park(queue_id, Queue.INCOMING, tracked.queue):
+                    self.requeued(queue_id)
+            elif tracked.queue is Queue.INCOMING:
+                self.requeued(queue_id)  # the disk refused its move to active/
+            # (held, or moved by the operator meanwhile: nothing to do)
+        self._probe_paused(now)
+        if self.book.unsaved:
+            self.book.flush()
+        delay = TIMER_TICK_SECONDS
+        next_due = self._timers.next_due()
+        if next_due is not None:
+            delay = min(delay, next_due - now)
+        if self.book.unsaved:
+            delay = min(delay, HEALTH_SAVE_SECONDS)
+        # SPEC: a paused account is probed every retry.max, on time rather than at the
+        # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
+        probes = [h.retry_at for h in self.book if h.paused and h.retry_at > now]
+        if probes:
+            delay = min(delay, min(probes) - now)
+        return delay
 
     # -- workers (relayd.queue.lanes) ---------------------------------------------------
 
@@ -346,15 +385,18 @@ class Scheduler:
         tracked = self._tracked.get(queue_id)
         assert tracked is not None
         fresh, tracked.fresh = tracked.fresh, False
-        tracked.queue = Queue.ACTIVE
+        tracked.queue, tracked.busy = Queue.ACTIVE, True
         try:
             return await self._attempts.run(lane, queue_id, transport, fresh=fresh)
         except Exception:
-            # A bug must not strand the message: it stays spooled and is retried.
+            # A bug or the disk must not strand the message: it stays spooled and is retried.
             now = self._tracked.get(queue_id)
             if now is not None and now.queue is Queue.ACTIVE:
+                now.busy = False
                 self.defer(queue_id, self.clock() + self.config.spool.retry.first)
             raise
+        finally:
+            tracked.busy = False
 
     # -- paused accounts ----------------------------------------------------------------
 

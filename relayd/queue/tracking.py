@@ -21,6 +21,8 @@ class Tracked:
     account: str | None = None  # None while only its name is known (start-up intake)
     fresh: bool = False  # accepted since the start and never attempted: no state file
     in_line: bool = False  # waiting in its lane's ready queue
+    busy: bool = False  # an attempt of it is under way
+    troubles: int = 0  # moves the disk refused in a row (read-only, full): for the back-off
 
 
 class Tracker:

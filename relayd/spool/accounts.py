@@ -116,12 +116,26 @@ class HealthBook:
         ):
             self._unsaved.add(health.address)
             return
-        self._unsaved.discard(health.address)
         self._saved_at[health.address] = now
-        self.store.save(health)
+        self._save(health)
 
     def flush(self) -> None:
         for address in sorted(self._unsaved):
             self._saved_at[address] = time.monotonic()
-            self.store.save(self._health[address])
-        self._unsaved.clear()
+            self._save(self._health[address])
+
+    def _save(self, health: AccountHealth) -> None:
+        """Written now, or, when the disk refuses (read-only, full), kept in memory and
+        written by a later ``flush``: the state in force is this one either way."""
+        try:
+            self.store.save(health)
+        except OSError as exc:
+            if health.address not in self._unsaved:
+                log.error(
+                    "cannot save the account state of %s (%s); kept in memory, saved later",
+                    health.address,
+                    exc.strerror or exc,
+                )
+            self._unsaved.add(health.address)
+            return
+        self._unsaved.discard(health.address)

@@ -50,7 +50,7 @@ from relayd.sync import wire
 from relayd.sync.backlog import add_dsn, enter_from_active, return_to_delivery
 from relayd.sync.connections import ImapConnections
 from relayd.sync.imap import ImapError, ImapFailure
-from relayd.tasks import TaskSet
+from relayd.tasks import TaskSet, vitals
 
 __all__ = ["FAULT_ENV", "FilingEvents", "FilingStage"]
 
@@ -142,7 +142,7 @@ class FilingStage:
         for qid in self.spool.list(Queue.COPY):
             job = job_of(self.spool.read_state(qid))
             self._schedule(qid, job.next_attempt_at if job else 0.0)
-        self._timer_task = asyncio.get_running_loop().create_task(self._timer_loop())
+        self._timer_task = vitals.start("Sent-copy timer", self._timer_loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
@@ -233,12 +233,18 @@ class FilingStage:
     async def _timer_loop(self) -> None:
         while not self._stopping:
             now = self.clock()
-            while self._timers and self._timers[0][0] <= now:
-                _, qid = heapq.heappop(self._timers)
-                if qid in self._waiting:
-                    self._waiting.discard(qid)
-                    self._enqueue(_Ready(qid))
-            delay = min(self._timers[0][0] - now, 60.0) if self._timers else 60.0
+            delay = 60.0
+            try:
+                while self._timers and self._timers[0][0] <= now:
+                    _, qid = heapq.heappop(self._timers)
+                    if qid in self._waiting:
+                        self._waiting.discard(qid)
+                        self._enqueue(_Ready(qid))
+                if self._timers:
+                    delay = min(self._timers[0][0] - now, 60.0)
+            except Exception:  # one round's trouble: logged, and the next round comes
+                log.exception("filing timer round failed")
+                delay = 5.0
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
