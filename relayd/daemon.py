@@ -54,7 +54,8 @@ __all__ = ["Daemon", "local_hostnames"]
 
 log = logging.getLogger(__name__)
 
-DRAIN_SECONDS = 30.0
+# What each stage of a stop leaves to the next within the deadline (seconds).
+STOP_MARGIN = 1.5
 # How often the token store is checked for a new consent written by `relayd auth`. Polling a
 # directory listing is cheap, needs no pid file or signal rights (`relayd auth` may run as
 # another user than the daemon), and works the same once a control socket exists.
@@ -170,9 +171,7 @@ class Daemon:
             await self._start_accepting()
         except (RuntimeError, OSError, ssl.SSLError, ValueError) as exc:
             log.error("cannot start: %s", exc)
-            await self._stop_accepting(timeout=5.0)
-            await self.scheduler.stop(timeout=5.0)
-            await self.filing.stop(timeout=5.0)
+            await self._drain(5.0)
             token_watch.cancel()
             return 1
         await self.ops.start()
@@ -191,16 +190,35 @@ class Daemon:
         await self._stop.wait()
         vitals.stopping()
         notify("STOPPING=1")
-        log.info("stopping: closing listeners, draining deliveries")
-        await self._stop_accepting(timeout=DRAIN_SECONDS)
-        await self.ops.stop()
-        await self.scheduler.stop(timeout=DRAIN_SECONDS)
-        await self.filing.stop(timeout=DRAIN_SECONDS)
+        await self._drain(self.config.stop_timeout)
         token_watch.cancel()
         if watchdog is not None:
             watchdog.cancel()
         log.info("stopped")
         return 0
+
+    async def _drain(self, stop_timeout: float) -> None:
+        """SIGTERM: everything stops together, within one deadline (``stop_timeout``).
+
+        Clients in DATA, deliveries waiting for an upstream's reply and IMAP filings are
+        given the same time, not one after another; whatever is still going at the end is
+        cut off and stays in the spool (at-least-once): a message cut off in DATA never got
+        its 250, an attempt cut off stays in active/ and goes out again after the restart,
+        a filing cut off searches the folder before appending again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + stop_timeout
+
+        def left(margin: float) -> float:
+            return max(0.1, deadline - loop.time() - margin)
+
+        log.info("stopping: closing listeners, draining deliveries (at most %.0f s)", stop_timeout)
+        await asyncio.gather(
+            self._stop_accepting(left(STOP_MARGIN)),
+            self.scheduler.stop(timeout=left(2 * STOP_MARGIN)),
+            self.filing.stop(timeout=left(2 * STOP_MARGIN)),
+        )
+        await self.ops.stop(timeout=left(0.5))
 
     async def _start_accepting(self) -> None:
         if self.workers is None:
@@ -222,11 +240,13 @@ class Daemon:
         self._reloads.spawn(self.reload())
 
     async def _stop_accepting(self, timeout: float) -> None:
+        """Within ``timeout``: sessions in DATA finish or are cut off, the accepting
+        processes end (killed when they do not)."""
         if self._listeners is not None:
-            await stop_listeners(self._listeners, timeout=timeout)
+            await stop_listeners(self._listeners, timeout=max(0.1, timeout - STOP_MARGIN))
             self._listeners = None
         if self.workers is not None:
-            await self.workers.stop(timeout=timeout + 5.0)
+            await self.workers.stop(timeout=timeout)
         if self._inbox is not None:
             await self._inbox.stop()  # what they announced while draining is taken in
         if self.workers is not None:

@@ -36,16 +36,18 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def drain(self, timeout: float, *, cancel_late: bool = False) -> None:
+    async def drain(
+        self, timeout: float, *, cancel_late: bool = False, unwind: float = 1.0
+    ) -> None:
         """Wait up to ``timeout`` seconds for every task; with ``cancel_late``, cancel the
-        ones still running then, and give them a few seconds to unwind."""
+        ones still running then, and give them ``unwind`` seconds to unwind."""
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout))
         if cancel_late and pending:
             for task in pending:
                 task.cancel()
-            await asyncio.wait(pending, timeout=5)
+            await asyncio.wait(pending, timeout=unwind)
 
 
 class Vitals:

@@ -17,8 +17,10 @@ from yaml.nodes import MappingNode
 
 from relayd.config.clients import PATTERN, read_clients, read_listeners
 from relayd.config.model import (
+    DEFAULT_STOP_TIMEOUT,
     AddressPattern,
     AlertsConfig,
+    ClientConnections,
     Config,
     MetricsConfig,
     RetryPolicy,
@@ -56,6 +58,15 @@ ROOT_KEYS = (
     "tenants",
     "alerts",
     "metrics",
+    "client_connections",
+    "stop_timeout",
+)
+CLIENT_CONNECTIONS_KEYS = (
+    "max",
+    "idle_timeout",
+    "silent_timeout",
+    "min_data_rate",
+    "junk_commands",
 )
 SPOOL_KEYS = ("max_message_size", "retry", "delay_warning", "encrypt_at_rest", "key")
 MIN_SPOOL_KEY_BYTES = 32
@@ -144,10 +155,25 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
         tenants=tenants,
         alerts=_alerts(rd, f["alerts"], tenants),
         metrics=_metrics(rd, f["metrics"]),
+        client_connections=_client_connections(rd, f["client_connections"]),
+        stop_timeout=rd.duration(f["stop_timeout"]) or DEFAULT_STOP_TIMEOUT,
     )
 
 
 # -- the rest of the top level ----------------------------------------------------------------
+
+
+def _client_connections(rd: NodeReader, item: Item) -> ClientConnections:
+    f = rd.mapping(item, CLIENT_CONNECTIONS_KEYS)
+    default = ClientConnections()
+    return ClientConnections(
+        max=rd.integer(f["max"], 1) or default.max,
+        idle_timeout=rd.duration(f["idle_timeout"]) or default.idle_timeout,
+        silent_timeout=rd.duration(f["silent_timeout"]) or default.silent_timeout,
+        min_data_rate=rd.integer(f["min_data_rate"], 1) or default.min_data_rate,
+        junk_commands=rd.integer(f["junk_commands"], 1) or default.junk_commands,
+    )
+
 
 MAX_ACCEPT_PROCESSES = 64
 

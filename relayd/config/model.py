@@ -16,11 +16,13 @@ from typing import Any
 
 __all__ = [
     "ANONYMOUS",
+    "DEFAULT_STOP_TIMEOUT",
     "AccountConfig",
     "AddressPattern",
     "AlertsConfig",
     "AuthPolicy",
     "ClientConfig",
+    "ClientConnections",
     "Config",
     "ImapServer",
     "Limits",
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 ANONYMOUS = "anonymous"
+DEFAULT_STOP_TIMEOUT = 20.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -167,6 +170,24 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class ClientConnections:
+    """Limits on the connections of local applications, all listeners together: defaults no
+    legacy application meets, which still bound what a runaway one or a slowloris holds."""
+
+    max: int = 1000  # open at once; one more hears 421 4.7.0 and is closed
+    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+    idle_timeout: float = 300.0
+    # A connection that sends nothing at all after the greeting is no mail client.
+    silent_timeout: float = 60.0
+    # DATA must come at least this fast (bytes/s) once it has taken idle_timeout, as
+    # Postfix's smtpd_min_data_rate: a trickle cannot hold a session for ever.
+    min_data_rate: int = 500
+    # Commands outside a transaction (NOOP, RSET, HELP ...) before 421, as Postfix's
+    # smtpd_junk_command_limit.
+    junk_commands: int = 100
+
+
+@dataclass(frozen=True)
 class SmtpServer:
     host: str
     port: int
@@ -278,6 +299,10 @@ class Config:
     # Processes accepting SMTP beside the main one (which alone schedules delivery);
     # None: one per CPU plus one; 0: the main process accepts itself.
     accept_processes: int | None = None
+    client_connections: ClientConnections = field(default_factory=ClientConnections)
+    # How long a SIGTERM may take, all of it: well under systemd's TimeoutStopSec (45 s in
+    # the shipped unit), so that nothing is killed by systemd in the middle of a write.
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)

@@ -280,7 +280,7 @@ class Listeners:
             connection.shutdown()
         for server in self.servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=5.0)
+                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
         for entry in self._listeners:
             if self.owns_paths and entry.config.unix_path is not None:
                 with contextlib.suppress(FileNotFoundError):

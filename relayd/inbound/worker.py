@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The environment variable that hands a re-executed accepting process its descriptors.
 SPEC_ENV = "RELAYD_ACCEPT_SPEC"
-DRAIN_SECONDS = 30.0
+# Of the daemon's stop_timeout, what an accepting process leaves the main process at the end.
+STOP_MARGIN = 3.0
 RESERVED_FILES = 8
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
@@ -163,7 +164,8 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
     announcer.ready()
     await stop.wait()
     loop.remove_reader(channels.parent_alive)
-    await listeners.close(grace=DRAIN_SECONDS)
+    # Sessions in DATA may finish within the daemon's stop deadline, no longer.
+    await listeners.close(grace=max(1.0, handler.config.stop_timeout - STOP_MARGIN))
     announcer.flush()
     if spool.reserved is not None:
         spool.reserved.close()

@@ -157,7 +157,10 @@ class Operations:
         await self._start_metrics()
         self._loop_task = vitals.start("housekeeping", self._housekeeping())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Within ``timeout`` (the rest of the daemon's stop deadline)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -165,12 +168,12 @@ class Operations:
         if self.pickup is not None:
             await self.pickup.stop()
         if self.submit_listener is not None:
-            await self.submit_listener.close(grace=10)
+            await self.submit_listener.close(grace=max(0.0, (deadline - loop.time()) / 2))
         if self.control is not None:
             await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
-        await self.alerter.drain()
+        await self.alerter.drain(timeout=max(0.1, deadline - loop.time()))
 
     def reloaded(self, config: Config) -> None:
         self.config = config

@@ -122,20 +122,28 @@ class Scheduler:
         self._timer_task = vitals.start("retry timer", self._timer_loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Drain: no new attempts; wait for the ones in flight, then close sessions."""
+        """Drain within ``timeout``: no new attempts; the ones in flight finish or are cut off
+        (their messages stay in active/ and go out again after the restart); then the idle
+        sessions are told QUIT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self._stopping = self._workers.stopping = True
         self._wake.set()
-        # A delivery cancelled here leaves its message in active/: retried after restart.
-        await self._tasks.drain(timeout, cancel_late=True)
+        await self._tasks.drain(timeout - 1.0, cancel_late=True, unwind=0.5)
         await self.intake.stop()
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
         self.book.flush()
-        for lane in self._lanes:
-            while lane.idle:
-                await lane.idle.pop().quit()
+        idle = [lane.idle.pop() for lane in self._lanes for _ in range(len(lane.idle))]
+        quits = [loop.create_task(transport.quit()) for transport in idle]
+        if quits:
+            _, late = await asyncio.wait(quits, timeout=max(0.1, deadline - loop.time()))
+            for task in late:
+                task.cancel()
+            for transport in idle:
+                transport.close()
 
     def set_config(self, config: Config) -> None:
         self.config = config

@@ -135,10 +135,10 @@ class ImapConnections:
         if account.imap is not None:
             self._folders.pop(settings_key(account), None)
 
-    async def close_all(self) -> None:
+    async def close_all(self, timeout: float = 10.0) -> None:
         for idle in self._idle.values():
             idle.timer.cancel()
             self._logout_later(idle.session)
         self._idle.clear()
         with contextlib.suppress(Exception):
-            await self._closing.drain(10)
+            await self._closing.drain(timeout, cancel_late=True, unwind=0.2)

@@ -145,15 +145,16 @@ class FilingStage:
         self._timer_task = vitals.start("Sent-copy timer", self._timer_loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
+        """Within ``timeout``: filings in flight finish or are cut off (they stay in the
+        spool; an APPEND cut off is searched for before the next one), sessions log out."""
         self._stopping = True
         self._wake.set()
-        # A filing cancelled here stays in the spool; an APPEND in flight is searched for.
-        await self._tasks.drain(timeout, cancel_late=True)
+        await self._tasks.drain(timeout * 0.8, cancel_late=True, unwind=0.5)
         if self._timer_task is not None:
             self._timer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer_task
-        await self.connections.close_all()
+        await self.connections.close_all(timeout=max(0.1, timeout * 0.2))
 
     def set_config(self, config: Config) -> None:
         self.config = config

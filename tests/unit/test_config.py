@@ -146,7 +146,7 @@ tenants:
             "lsten: []\n",
             "lsten: line 1: unknown key; allowed keys: state_directory, helo_name, log_level, "
             "listen, accept_processes, clients, rewrite_senders, spool, tokens, tenants, "
-            "alerts, metrics",
+            "alerts, metrics, client_connections, stop_timeout",
         ),
         (
             "listen:\n  - address: 127.0.0.1:2525\n    tsl: none\n",
