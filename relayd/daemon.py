@@ -22,6 +22,7 @@ from relayd import __version__
 from relayd.config import ConfigError, load_config
 from relayd.config.model import AccountConfig, Config
 from relayd.core.queues import Queue
+from relayd.inbound.guard import LoginGuard, SharedFailures
 from relayd.inbound.handler import InboundHandler, local_hostnames
 from relayd.inbound.listeners import (
     BoundListener,
@@ -100,11 +101,15 @@ class Daemon:
             events=events,
             consent_of=self.tokens.consent_id,
         )
+        # Failed client logins, counted by every process that accepts (relayd.inbound.guard).
+        config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.login_failures = SharedFailures.create(config.state_directory)
         self.handler = InboundHandler(
             config=config,
             spool=self.spool,
             on_queued=self._accepted,
             local_hostnames=local_hostnames(config),
+            guard=LoginGuard(self.login_failures),
         )
         self._listeners: Listeners | None = None
         self._bound: list[BoundListener] = []

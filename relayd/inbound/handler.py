@@ -17,8 +17,6 @@ import hmac
 import logging
 import secrets
 import socket
-import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +33,7 @@ from relayd.core.routing import (
     identify_client,
 )
 from relayd.inbound.data import SIZE_REPLY
+from relayd.inbound.guard import LoginGuard
 from relayd.inbound.submission import MessageSink, OnQueued, Submission
 from relayd.passwords import verify_password
 from relayd.spool.store import Spool
@@ -42,7 +41,6 @@ from relayd.spool.store import Spool
 __all__ = [
     "CredentialCheck",
     "InboundHandler",
-    "LoginGuard",
     "RelaySession",
     "Transaction",
     "hook_names",
@@ -124,53 +122,6 @@ class Transaction(SMTPEnvelope):
         self.original_sender = ""
 
 
-class LoginGuard:
-    """SPEC routing rule 1: 5 failed logins from one address within a minute, and that
-    address gets ``421 4.7.0`` at AUTH for a minute. Pure bookkeeping with an injected clock.
-
-    Only AUTH is refused, not the connection: on a loopback listener every local application
-    shares 127.0.0.1, and one with a wrong password must not stop cron's anonymous mail.
-    A successful login does not reset the count, or one valid password would buy unlimited
-    guesses at the others.
-    """
-
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        *,
-        max_failures: int = 5,
-        window: float = 60.0,
-        block_for: float = 60.0,
-    ) -> None:
-        self.clock = clock
-        self.max_failures = max_failures
-        self.window = window
-        self.block_for = block_for
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked_until: dict[str, float] = {}
-
-    def blocked(self, peer: str) -> bool:
-        until = self._blocked_until.get(peer)
-        if until is None:
-            return False
-        if self.clock() < until:
-            return True
-        del self._blocked_until[peer]
-        return False
-
-    def failed(self, peer: str) -> None:
-        now = self.clock()
-        failures = self._failures.setdefault(peer, deque())
-        failures.append(now)
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        if len(failures) >= self.max_failures:
-            self._blocked_until[peer] = now + self.block_for
-            failures.clear()
-        if len(self._failures) > 4096:  # a scan from many addresses: forget the stale ones
-            self._failures = {p: f for p, f in self._failures.items() if f and f[-1] > now - 60}
-
-
 class CredentialCheck:
     """Password verification with a memory of successes.
 
@@ -224,7 +175,7 @@ class InboundHandler:
         on_queued: OnQueued,
         local_hostnames: frozenset[str],
         *,
-        clock: Callable[[], float] = time.monotonic,
+        guard: LoginGuard | None = None,
         verify: Callable[[str, str], bool] = verify_password,
     ) -> None:
         """``on_queued(queue id, account)``: told once a message is durable (in an
@@ -234,7 +185,7 @@ class InboundHandler:
         self.spool = spool
         self.on_queued = on_queued
         self.local_hostnames = local_hostnames
-        self.guard = LoginGuard(clock)
+        self.guard = guard if guard is not None else LoginGuard()
         self.credentials = CredentialCheck(verify)
 
     # -- aiosmtpd hooks ----------------------------------------------------------------

@@ -17,7 +17,6 @@ import contextlib
 import os
 import socket
 import ssl
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,11 +172,16 @@ class Listeners:
     closes (an accepting process shares the main process's sockets and leaves them).
     """
 
-    def __init__(self, handler: InboundHandler, *, owns_paths: bool = True) -> None:
+    def __init__(
+        self, handler: InboundHandler, *, owns_paths: bool = True, processes: int = 1
+    ) -> None:
+        """``processes``: how many processes accept on these listeners; each holds its share
+        of ``client_connections.max``."""
         self.handler = handler
         self.owns_paths = owns_paths
+        self.processes = max(1, processes)
         self._listeners: list[_Listener] = []
-        self._connections: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
+        self._connections: set[RelaySMTP] = set()  # open ones: each leaves at connection_lost
 
     @property
     def servers(self) -> list[asyncio.Server]:
@@ -213,6 +217,10 @@ class Listeners:
             implicit = entry.context = server_tls_context(listener)
         handler, connections = self.handler, self._connections
 
+        def over_capacity() -> bool:
+            share = -(-handler.config.client_connections.max // self.processes)
+            return len(connections) > share  # the new connection is counted already
+
         def protocol() -> RelaySMTP:
             starttls = entry.context if listener.tls is TlsMode.STARTTLS else None
             smtp = RelaySMTP(
@@ -221,6 +229,8 @@ class Listeners:
                 hostname=handler.config.helo_name,
                 starttls_context=starttls,
                 loop=loop,
+                over_capacity=over_capacity,
+                on_closed=connections.discard,
             )
             connections.add(smtp)
             return smtp
@@ -289,11 +299,15 @@ class Listeners:
 
 
 async def start_listeners(
-    handler: InboundHandler, bound: Sequence[BoundListener], *, owns_paths: bool = True
+    handler: InboundHandler,
+    bound: Sequence[BoundListener],
+    *,
+    owns_paths: bool = True,
+    processes: int = 1,
 ) -> Listeners:
     """Serve the ``bound`` sockets (from ``bind_listeners``). If any cannot be served (bad
     certificate), those already serving are closed and the error is raised."""
-    listeners = Listeners(handler, owns_paths=owns_paths)
+    listeners = Listeners(handler, owns_paths=owns_paths, processes=processes)
     try:
         for entry in bound:
             await listeners._start(entry)

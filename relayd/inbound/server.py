@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from typing import AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
@@ -130,8 +131,15 @@ class RelaySMTP(SMTP):
         hostname: str,
         starttls_context: ssl.SSLContext | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        over_capacity: Callable[[], bool] = lambda: False,
+        on_closed: Callable[[RelaySMTP], None] = lambda smtp: None,
     ) -> None:
+        """``over_capacity``: whether this process holds its share of
+        ``client_connections.max`` already (the new connection is then turned away)."""
         self.listener = listener
+        self.limits = handler.config.client_connections  # the config at connect time
+        self.over_capacity = over_capacity
+        self.on_closed = on_closed
         super().__init__(
             handler,
             data_size_limit=None,  # SIZE is checked by the handler against the live config
@@ -143,6 +151,7 @@ class RelaySMTP(SMTP):
             # knows STARTTLS, not implicit TLS or loopback listeners.
             auth_require_tls=False,
             authenticator=handler.authenticate,
+            timeout=self.limits.idle_timeout,
             loop=loop,
         )
         self.relay_handler = handler
@@ -154,6 +163,8 @@ class RelaySMTP(SMTP):
         self._deadline = 0.0  # of the idle timeout (see _reset_timeout)
         self._greeted = False
         self._plain_replies = False
+        self._silent = True  # nothing heard from the client yet: the short timeout applies
+        self._junk = 0  # commands since the last message that moved no mail forward
 
     # -- connection and session -------------------------------------------------------
 
@@ -175,7 +186,17 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Also called again after STARTTLS, with a fresh session (RFC 3207 §4.2).
+        first = self.transport is None
+        if first and self.over_capacity():
+            # Before any session exists: the client hears why, and may come back.
+            log.warning("client_connections.max reached: a new connection turned away")
+            with contextlib.suppress(Exception):
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")  # type: ignore[attr-defined]
+            transport.close()
+            return
         super().connection_made(transport)
+        if first:
+            self._silent = False  # from the first command on, the idle timeout applies
         session = self.relay_session()
         session.tls = transport.get_extra_info("ssl_object") is not None
         if self.listener.unix_path is not None:
@@ -185,7 +206,14 @@ class RelaySMTP(SMTP):
         if isinstance(peer, tuple) and len(peer) >= 2:
             session.peer_ip, session.peer_port = _plain_ip(str(peer[0])), int(peer[1])
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_closed(self)
+        super().connection_lost(exc)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self._silent:
+            # A connection that says nothing at all is no mail client (slowloris, scans).
+            duration = self.limits.silent_timeout
         # aiosmtpd cancels and creates a timer for every command (and every DATA block);
         # here one timer per connection is moved forward lazily: it checks the deadline
         # when it fires and sets itself again if the client was active meanwhile.
@@ -201,6 +229,11 @@ class RelaySMTP(SMTP):
         if self.loop.time() < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
             return
+        peer = self.relay_session().peer_text if self.session is not None else "?"
+        log.info("%s: timeout, connection closed", peer)
+        if not self.in_data and self.transport is not None:
+            with contextlib.suppress(Exception):
+                self._writer.write(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
         self._timeout_cb()  # type: ignore[no-untyped-call]
 
     def close_now(self) -> None:
@@ -339,11 +372,60 @@ class RelaySMTP(SMTP):
         )
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self.in_data = True
+        started = self.loop.time()
+        received = 0
+
+        def feed(block: bytes) -> None:
+            nonlocal received
+            received += len(block)
+            stream.feed(block)
+
+        def progress() -> None:
+            # The whole section gets idle_timeout, plus a second for every min_data_rate
+            # bytes received (Postfix's smtpd_min_data_rate): a client that trickles a
+            # byte now and then cannot hold the session, one on a slow link can finish.
+            allowed = self.limits.idle_timeout + received / self.limits.min_data_rate
+            self._reset_timeout(max(1.0, started + allowed - self.loop.time()))
+
         try:
-            await read_data_section(self._reader, stream.feed, self._reset_timeout)
+            await read_data_section(self._reader, feed, progress)
             reply = await stream.finish()
         finally:
             self.in_data = False
             stream.sink.abort()  # nothing left to abort once committed
         self._set_post_data_state()  # type: ignore[no-untyped-call]
+        if reply.startswith("250"):
+            self._junk = 0
         await self.push(reply)
+
+    # Commands that move no mail forward; more than client_connections.junk_commands of
+    # them since the last message, and the session ends (Postfix's smtpd_junk_command_limit:
+    # a NOOP every few minutes must not hold a connection for ever).
+
+    async def _junk_command(self) -> bool:
+        self._junk += 1
+        if self._junk <= self.limits.junk_commands:
+            return False
+        await self.push("421 4.7.0 Too many commands without mail, closing connection")
+        self.close_now()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELP(arg)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from relayd.config import ConfigError, load_config
 from relayd.config.model import Config
+from relayd.inbound.guard import FAILURES_FILE, LoginGuard, SharedFailures
 from relayd.inbound.handler import InboundHandler, local_hostnames
 from relayd.inbound.listeners import BoundListener, start_listeners
 from relayd.log import configure_logging, redactor
@@ -128,13 +129,16 @@ async def serve(config: Config, channels: WorkerChannels, share: tuple[int, int]
     )
     if spool.reserved is not None:
         spool.reserved.refill()
+    # The main process made the file; every accepting process counts in it.
+    failures = SharedFailures(config.state_directory / FAILURES_FILE)
     handler = InboundHandler(
         config=config,
         spool=spool,
         on_queued=announcer.announce,  # with the account: the scheduler need not read the file
         local_hostnames=local_hostnames(config),
+        guard=LoginGuard(failures),
     )
-    listeners = await start_listeners(handler, channels.bound, owns_paths=False)
+    listeners = await start_listeners(handler, channels.bound, owns_paths=False, processes=share[1])
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

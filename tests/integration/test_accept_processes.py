@@ -8,8 +8,10 @@ certain without asking the kernel.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
+import secrets
 import signal
 import smtplib
 import socket
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from relayd.passwords import hash_password
+
 from .relayd_proc import Relayd, free_port, proc_stats, spool_messages, write_config
 
 pytestmark = pytest.mark.integration
@@ -27,13 +31,13 @@ pytestmark = pytest.mark.integration
 SENDER = "app@acme.test"
 
 
-def setup(tmp_path: Path, **extra: Any) -> tuple[Relayd, Path]:
+def setup(tmp_path: Path, *, auth: str = "none", **extra: Any) -> tuple[Relayd, Path]:
     port = free_port()
     capture = tmp_path / "capture"
     config = {
         "state_directory": str(tmp_path / "state"),
         "log_level": "debug",
-        "listen": [{"address": f"127.0.0.1:{port}", "auth": "none", "tls": "none"}],
+        "listen": [{"address": f"127.0.0.1:{port}", "auth": auth, "tls": "none"}],
         "clients": {"anonymous": {"may_send_as": [SENDER]}},
         "spool": {"retry": {"first": "1s", "max": "2s", "give_up_after": "1h"}},
         "tenants": {
@@ -257,3 +261,48 @@ def test_the_main_process_accepts_itself_with_accept_processes_0(tmp_path: Path)
         assert delivered_subjects(capture, 1) == ["in-process"]
     finally:
         assert relayd.stop() == 0
+
+
+def _serving_pid(pids: list[int], server_port: int, client_port: int) -> int | None:
+    """Which of ``pids`` holds the server end of the connection from ``client_port``."""
+    wanted = f":{server_port:04X}", f":{client_port:04X}"
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(wanted[0]) and fields[2].endswith(wanted[1]):
+                inode = fields[9]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+    return None
+
+
+def test_failed_logins_are_counted_by_every_accepting_process(tmp_path: Path) -> None:
+    password = "right-" + secrets.token_hex(6)
+    relayd, _ = setup(
+        tmp_path,
+        auth="optional",
+        accept_processes=3,
+        clients={"crm": {"password_hash": hash_password(password), "may_send_as": [SENDER]}},
+    )
+    relayd.start()
+    assert relayd.proc is not None
+    accepting = children(relayd.proc.pid)
+    wrong = base64.b64encode(b"\0crm\0wrong-password").decode()
+    replies: list[str] = []
+    served_by: set[int | None] = set()
+    for _ in range(15):
+        with smtplib.SMTP("127.0.0.1", relayd.port, timeout=10) as smtp:
+            assert smtp.sock is not None
+            served_by.add(_serving_pid(accepting, relayd.port, smtp.sock.getsockname()[1]))
+            smtp.ehlo("client.test")
+            code, text = smtp.docmd("AUTH", f"PLAIN {wrong}")
+            replies.append(f"{code} {text.decode()}")
+    print(f"15 wrong passwords, served by processes {sorted(map(str, served_by))}")
+    assert len(served_by - {None}) >= 2  # spread over the accepting processes
+    assert all(r.startswith("535") for r in replies[:5]), replies
+    assert all(r.startswith("421 4.7.0") for r in replies[5:]), replies  # the 6th and on
+    assert relayd.stop() == 0

@@ -16,16 +16,18 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from factories import make_account, make_client, make_config, make_tenant
 
-from relayd.config.model import AuthPolicy, Config, ListenerConfig, TlsMode
+from relayd.config.model import AuthPolicy, ClientConnections, Config, ListenerConfig, TlsMode
 from relayd.core.envelope import Envelope
 from relayd.core.queues import Queue
 from relayd.errors import SpoolError
 from relayd.inbound.datastream import read_data_section
-from relayd.inbound.handler import InboundHandler, LoginGuard
+from relayd.inbound.guard import LocalFailures, LoginGuard, SharedFailures
+from relayd.inbound.handler import InboundHandler
 from relayd.inbound.listeners import Listeners, bind_listeners, start_listeners
 from relayd.inbound.server import RelaySMTP, auth_offered, with_enhanced_code
 from relayd.passwords import hash_password
@@ -394,9 +396,11 @@ async def test_failed_logins_lock_the_address_out(start: Start) -> None:
     assert (await client.auth_plain("crm", PASSWORD)).startswith("421 4.7.0")
 
 
-def test_login_guard_with_a_clock() -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["one-process", "shared-file"])
+def test_login_guard_with_a_clock(tmp_path: Path, shared: bool) -> None:
     now = [1000.0]
-    guard = LoginGuard(lambda: now[0])
+    book = SharedFailures.create(tmp_path) if shared else LocalFailures()
+    guard = LoginGuard(book, lambda: now[0])
     for _ in range(4):
         guard.failed("192.0.2.1")
         now[0] += 14
@@ -410,6 +414,21 @@ def test_login_guard_with_a_clock() -> None:
     assert guard.blocked("192.0.2.1")
     now[0] += 0.2
     assert not guard.blocked("192.0.2.1")
+
+
+def test_processes_share_one_count_of_failed_logins(tmp_path: Path) -> None:
+    # Each accepting process maps the same file: five failures spread over three of them
+    # block the address in all three.
+    first = SharedFailures.create(tmp_path)
+    books = [first, SharedFailures(first.path), SharedFailures(first.path)]
+    guards = [LoginGuard(book, lambda: 500.0) for book in books]
+    for i in range(4):
+        guards[i % 3].failed("192.0.2.7")
+    assert not any(g.blocked("192.0.2.7") for g in guards)
+    guards[1].failed("192.0.2.7")
+    assert all(g.blocked("192.0.2.7") for g in guards)
+    assert not any(g.blocked("192.0.2.8") for g in guards)
+    assert first.path.stat().st_mode & 0o777 == 0o600
 
 
 async def test_no_auth_payload_in_logs(start: Start, caplog: pytest.LogCaptureFixture) -> None:
@@ -803,3 +822,60 @@ def test_ipv4_mapped_peers_are_ipv4(peer: str, expected: str) -> None:
     from relayd.inbound.server import _plain_ip
 
     assert _plain_ip(peer) == expected
+
+
+# -- what a client may hold (client_connections) --------------------------------------------
+
+
+def limited(tmp_path: Path, **limits: Any) -> Config:
+    config = build_config(tmp_path)
+    return replace(config, client_connections=replace(ClientConnections(), **limits))
+
+
+async def test_one_connection_over_the_cap_is_turned_away(start: Start, tmp_path: Path) -> None:
+    relay = await start(limited(tmp_path, max=2))
+    first, second = await relay.connect(), await relay.connect()
+    address = relay.listeners.addresses()[0]
+    reader, writer = await asyncio.open_connection(*address.rsplit(":", 1))
+    assert (await reader.readline()).startswith(b"421 4.7.0 Too many connections")
+    assert await reader.read() == b""  # and closed
+    writer.close()
+    await first.cmd("QUIT")  # one leaves: the next one gets in
+    await asyncio.sleep(0.05)
+    third = await relay.connect()
+    assert (await third.cmd("NOOP")).startswith("250")
+    assert (await second.cmd("NOOP")).startswith("250")
+
+
+async def test_a_connection_that_says_nothing_is_closed_early(start: Start, tmp_path: Path) -> None:
+    relay = await start(limited(tmp_path, silent_timeout=0.3, idle_timeout=30))
+    silent = await relay.connect(ehlo=False)  # the greeting, then nothing
+    talking = await relay.connect()  # it said EHLO: the idle timeout applies now
+    await asyncio.sleep(0.6)
+    assert (await silent.reply()).startswith("421 4.4.2 Timeout")
+    assert (await talking.cmd("NOOP")).startswith("250")
+
+
+async def test_a_trickle_of_data_cannot_hold_the_session(start: Start, tmp_path: Path) -> None:
+    relay = await start(limited(tmp_path, idle_timeout=0.4, min_data_rate=1000))
+    client = await relay.connect()
+    await client.start_message()
+    for _ in range(4):  # a ".\r\n"-ended line now and then: the reads go on, the rate not
+        client.send(b"x.\r\n")
+        await asyncio.sleep(0.2)
+    assert await client.reply() == "<closed>"
+    assert relay.files("incoming") == [] and relay.queued == []
+
+
+async def test_commands_without_mail_end_the_session(start: Start, tmp_path: Path) -> None:
+    relay = await start(limited(tmp_path, junk_commands=3))
+    client = await relay.connect()
+    for _ in range(3):
+        assert (await client.cmd("NOOP")).startswith("250")
+    assert (await client.cmd("RSET")).startswith("421 4.7.0 Too many commands")
+    client = await relay.connect()
+    for _ in range(3):
+        assert (await client.cmd("NOOP")).startswith("250")
+    await client.start_message()
+    assert (await client.cmd(HEAD + b"body\r\n.")).startswith("250 2.0.0")
+    assert (await client.cmd("NOOP")).startswith("250")  # a message sent: counted afresh
