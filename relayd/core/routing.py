@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relayd.config.model import ANONYMOUS, AccountConfig, ClientConfig, Config
@@ -21,6 +22,7 @@ __all__ = [
     "decide_route",
     "find_account",
     "identify_client",
+    "known_accounts",
     "rewrite_sender",
 ]
 
@@ -122,6 +124,23 @@ def find_account(config: Config, sender: str) -> AccountConfig | None:
                 username=tenant.domain_account.username or sender,
             )
     return None
+
+
+def known_accounts(config: Config, seen: Iterable[str]) -> tuple[AccountConfig, ...]:
+    """The configured accounts, then every address in ``seen`` that a tenant's `domains:`
+    routes (app-only OAuth, service accounts, capture), each as the account it is sent by.
+
+    Senders routed by domain have no entry in the config, only in what relayd has seen
+    (account health, the spool); they are accounts all the same for status, STATUS=,
+    metrics and reminders. An address no longer routed, or an alias, is left out."""
+    configured = config.accounts()
+    listed = {a.address for a in configured}
+    found: list[AccountConfig] = []
+    for address in sorted({s.lower() for s in seen} - listed):
+        account = find_account(config, address)
+        if account is not None and account.address == address:
+            found.append(account)
+    return configured + tuple(found)
 
 
 def decide_route(

@@ -22,7 +22,7 @@ from relayd.config.model import AccountConfig, Config, ListenerConfig
 from relayd.core.envelope import Envelope
 from relayd.core.outcome import Failure, FailureKind, Reply
 from relayd.core.queues import WAITING, Queue
-from relayd.core.routing import find_account
+from relayd.core.routing import find_account, known_accounts
 from relayd.inbound.handler import InboundHandler
 from relayd.inbound.listeners import Listeners, bind_listeners, start_listeners
 from relayd.inbound.maildrop import MaildropPickup, prepare_maildrop
@@ -184,16 +184,20 @@ class Operations:
 
     # -- housekeeping: STATUS= and reminders -----------------------------------------------
 
+    def _accounts(self) -> tuple[AccountConfig, ...]:
+        """Configured accounts and the senders `domains:` routed that the daemon has seen."""
+        return known_accounts(self.config, (h.address for h in self.scheduler.book))
+
     def _paused_accounts(self) -> dict[str, tuple[AccountConfig, str]]:
         found: dict[str, tuple[AccountConfig, str]] = {}
-        for account in self.config.accounts():
+        for account in self._accounts():
             health = self.scheduler.health(account.address)
             if health.paused:
                 found[account.address] = (account, health.reason)
         return found
 
     async def _housekeeping(self) -> None:
-        last_remind = 0.0
+        last_remind = -REMIND_CHECK_EVERY  # the first check right after start
         while True:
             await asyncio.sleep(STATUS_EVERY)
             try:
@@ -266,8 +270,7 @@ class Operations:
     def _paused(self) -> list[Sample]:
         paused = self._paused_accounts()
         return [
-            ({"account": a.address}, 1.0 if a.address in paused else 0.0)
-            for a in self.config.accounts()
+            ({"account": a.address}, 1.0 if a.address in paused else 0.0) for a in self._accounts()
         ]
 
     def _healthy(self) -> tuple[bool, str]:
@@ -302,8 +305,7 @@ class Operations:
             "status": self.status_line(),
             "degraded": vitals.degraded,
             "accounts": {
-                a.address: self.scheduler.health(a.address).to_dict()
-                for a in self.config.accounts()
+                a.address: self.scheduler.health(a.address).to_dict() for a in self._accounts()
             },
         }
 

@@ -14,17 +14,18 @@ from datetime import datetime
 from typing import Any
 
 from relayd import __version__
-from relayd.config.model import AccountConfig, Config
+from relayd.config.model import AccountConfig, Config, TenantConfig
 from relayd.core.health import AccountHealth, AccountState
 from relayd.core.queues import WAITING, Queue
-from relayd.core.sentcopy import awaits_filing
+from relayd.core.routing import known_accounts
+from relayd.core.sentcopy import job_of
 from relayd.ops.hints import hint_for
 from relayd.ops.spoolview import spool_bytes
 from relayd.spool.accounts import AccountStore
 from relayd.spool.sealing import spool_key
 from relayd.spool.store import Spool
 
-__all__ = ["AccountStatus", "StatusReport", "gather", "render_table"]
+__all__ = ["AccountStatus", "DomainRoute", "StatusReport", "gather", "render_table"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,19 @@ class AccountStatus:
     last_error: str
     queued: int
     sent_copy_backlog: int
+    sent_copy_error: str  # why the oldest waiting Sent copy is not filed yet
+    route: str  # "" for a configured account, else the `domains:` route that sends it
+
+
+@dataclass(frozen=True)
+class DomainRoute:
+    """A tenant's `domains:`: every matching sender goes out through it."""
+
+    tenant: str
+    domains: list[str]
+    provider: str
+    sends_by: str  # how: app-only OAuth, a service account, a capture Maildir ...
+    senders_seen: int
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class StatusReport:
     spool_bytes: int
     queues: dict[str, int]
     accounts: list[AccountStatus]
+    routes: list[DomainRoute]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,12 +95,49 @@ def _needs_consent(account: AccountConfig, config: Config, health: AccountHealth
         return not tokens.is_dir()
 
 
+def _sends_by(account: AccountConfig) -> str:
+    if account.is_capture:
+        return f"capture into the Maildir {account.capture_path}"
+    where = f"{account.smtp.host}:{account.smtp.port}" if account.smtp is not None else ""
+    if account.oauth is not None:
+        how = {
+            "client_credentials": "app-only OAuth2",
+            "service_account": "a service account (domain-wide delegation)",
+        }.get(account.oauth.flow, f"OAuth2 ({account.oauth.flow})")
+    else:
+        how = "a shared login"
+    return f"{how} via {where}" if where else how
+
+
+def _domain_route(tenant: TenantConfig, accounts: list[AccountStatus]) -> DomainRoute | None:
+    if tenant.domain_account is None or not tenant.domains:
+        return None
+    return DomainRoute(
+        tenant=tenant.name,
+        domains=[p.text for p in tenant.domains],
+        provider=tenant.provider,
+        sends_by=_sends_by(tenant.domain_account),
+        senders_seen=sum(1 for a in accounts if a.route and a.tenant == tenant.name),
+    )
+
+
+def _route_of(account: AccountConfig, config: Config) -> str:
+    """The `domains:` route an account comes from, "" when it is configured by address."""
+    if any(account.address == a.address for a in config.accounts()):
+        return ""
+    for tenant in config.tenants:
+        if tenant.name == account.tenant:
+            return f"tenants.{tenant.name}.domains: {', '.join(p.text for p in tenant.domains)}"
+    return ""
+
+
 def _account_status(
     account: AccountConfig,
     config: Config,
     health: AccountHealth,
     queued: int,
     backlog: int,
+    copy_error: str,
 ) -> AccountStatus:
     state, why, fix = health.state.value, health.reason, ""
     if _needs_consent(account, config, health):
@@ -110,17 +162,30 @@ def _account_status(
         last_error=health.last_error,
         queued=queued,
         sent_copy_backlog=backlog,
+        sent_copy_error=copy_error,
+        route=_route_of(account, config),
     )
 
 
-def _scan_spool(spool: Spool) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """(messages per queue, awaiting delivery per account, awaiting a Sent copy per account).
+@dataclass
+class _SpoolScan:
+    queues: dict[str, int]
+    queued: dict[str, int]  # awaiting delivery, per account
+    backlog: dict[str, int]  # delivered, awaiting the Sent copy, per account
+    copy_errors: dict[str, tuple[int, str]]  # per account: (attempts, last error) of the worst
+
+
+def _scan_spool(spool: Spool) -> _SpoolScan:
+    """Messages per queue, and per account what waits for delivery and for a Sent copy.
 
     A message whose delivery state carries a filing job (relayd.core.sentcopy) was delivered
-    and only waits for its Sent copy, in whichever queue the Sent-copy step keeps it."""
+    and only waits for its Sent copy, in whichever queue the Sent-copy step keeps it; the
+    job that failed most often tells why copies are not filed (no \\Sent folder, IMAP login
+    refused ...), as SPEC asks of `status`."""
+    scan = _SpoolScan({}, {}, {}, {})
+    if not spool.directory(Queue.INCOMING).is_dir():
+        return scan
     counts = spool.counts()
-    queued: dict[str, int] = {}
-    backlog: dict[str, int] = {}
     for queue in counts:
         if queue is Queue.CORRUPT:
             continue
@@ -130,24 +195,28 @@ def _scan_spool(spool: Spool) -> tuple[dict[str, int], dict[str, int], dict[str,
             except OSError:  # moved on meanwhile, or unreadable: not this report's business
                 continue
             state = spool.read_state(name)
-            target = backlog if awaits_filing(state) else queued
-            if target is queued and queue not in WAITING:
-                continue
-            target[envelope.account] = target.get(envelope.account, 0) + 1
-    return {q.value: n for q, n in counts.items()}, queued, backlog
+            account = envelope.account
+            job = job_of(state)
+            if job is not None:
+                scan.backlog[account] = scan.backlog.get(account, 0) + 1
+                worst = scan.copy_errors.get(account, (0, ""))
+                if job.last_error and job.attempts > worst[0]:
+                    scan.copy_errors[account] = (job.attempts, job.last_error)
+            elif queue in WAITING:
+                scan.queued[account] = scan.queued.get(account, 0) + 1
+    scan.queues = {q.value: n for q, n in counts.items()}
+    return scan
 
 
 def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
     """The report; ``live`` is the daemon's answer to ``status``, None when it is not running."""
     spool = Spool(config.state_directory, fsync=False, key=spool_key(config.spool))
-    if spool.directory(Queue.INCOMING).is_dir():
-        queues, queued, backlog = _scan_spool(spool)
-    else:
-        queues, queued, backlog = {}, {}, {}
+    scan = _scan_spool(spool)
     on_disk = AccountStore(config.state_directory).load_all()
     live_accounts: dict[str, Any] = (live or {}).get("accounts", {})
+    seen = {*on_disk, *live_accounts, *scan.queued, *scan.backlog}
     accounts: list[AccountStatus] = []
-    for account in config.accounts():
+    for account in known_accounts(config, seen):
         if account.address in live_accounts:
             health = AccountHealth.from_dict(live_accounts[account.address])
         else:
@@ -157,20 +226,23 @@ def gather(config: Config, live: dict[str, Any] | None) -> StatusReport:
                 account,
                 config,
                 health,
-                queued.get(account.address, 0),
-                backlog.get(account.address, 0),
+                scan.queued.get(account.address, 0),
+                scan.backlog.get(account.address, 0),
+                scan.copy_errors.get(account.address, (0, ""))[1],
             )
         )
+    routes = [r for t in config.tenants if (r := _domain_route(t, accounts)) is not None]
     return StatusReport(
         version=str((live or {}).get("version", __version__)),
         running=live is not None,
         degraded=[str(why) for why in (live or {}).get("degraded", [])],
         pid=(live or {}).get("pid"),
         uptime=(live or {}).get("uptime"),
-        spool_messages=sum(n for q, n in queues.items() if q != Queue.CORRUPT.value),
+        spool_messages=sum(n for q, n in scan.queues.items() if q != Queue.CORRUPT.value),
         spool_bytes=spool_bytes(spool.root) if spool.root.is_dir() else 0,
-        queues=queues,
+        queues=scan.queues,
         accounts=accounts,
+        routes=routes,
     )
 
 
@@ -255,6 +327,18 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
     for a in report.accounts:
         if a.fix:
             lines.append(f"  {a.address}: {a.fix}")
+        if a.sent_copy_error:
+            lines.append(f"  {a.address}: Sent copies not filed: {_short(a.sent_copy_error, 100)}")
     if not report.accounts:
-        lines.append("(no accounts configured)")
+        lines.append(
+            "(no mail sent through any account yet)"
+            if report.routes
+            else "(no accounts configured)"
+        )
+    if report.routes:
+        lines.append("")
+        lines.append("routes by domain (every matching sender goes out this way):")
+        for r in report.routes:
+            seen = f"{r.senders_seen} sender{'s' if r.senders_seen != 1 else ''} seen"
+            lines.append(f"  {', '.join(r.domains)} -> tenant {r.tenant}: {r.sends_by} ({seen})")
     return "\n".join(lines) + "\n"

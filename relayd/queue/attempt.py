@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from relayd.config.model import AccountConfig, SpoolConfig
 from relayd.core.envelope import DeliveryState
-from relayd.core.health import AccountHealth
+from relayd.core.health import UNHEALTHY_AFTER_FAILURES, AccountHealth, AccountState
 from relayd.core.outcome import Verdict
 from relayd.core.queues import Queue
 from relayd.core.retry import next_delay
@@ -233,6 +234,17 @@ class AttemptRunner:
             health = health.on_connection_failure(
                 now, report.detail, next_delay(retry, streak, self.rand())
             )
+            if health.state is AccountState.UNHEALTHY and streak == UNHEALTHY_AFTER_FAILURES:
+                # Logged once, when the account is parked: its mail then waits without
+                # attempts, and the operator needs to know why and until when.
+                log.warning(
+                    "upstream unhealthy after %d failed connections in a row (%s); its mail "
+                    "waits, next probe at %s",
+                    streak,
+                    report.detail,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health.retry_at)),
+                    extra=logx,
+                )
             if report.cause is not None:
                 self.events.connection_failed(account, report.cause)
         elif report.signal is AccountSignal.THROTTLED:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from relayd.config.model import AccountConfig, Config, SpoolConfig
 from relayd.core.health import AccountHealth, credentials_fingerprint
 from relayd.core.queues import Queue
+from relayd.core.routing import known_accounts
 from relayd.errors import SpoolError
 from relayd.queue.arrivals import Inlet
 from relayd.queue.attempt import AttemptRunner
@@ -169,7 +170,7 @@ class Scheduler:
 
     def apply_credentials(self) -> None:
         """A paused account whose credentials changed gets a fresh chance (SPEC)."""
-        for account in self.config.accounts():
+        for account in known_accounts(self.config, (h.address for h in self.book)):
             before = self.health(account.address)
             consent = self.consent_of(account) if self.consent_of is not None else ""
             after = before.on_credentials_changed(credentials_fingerprint(account, consent))
