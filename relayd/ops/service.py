@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relayd import __version__
 from relayd.config import ConfigError, load_config
@@ -30,7 +30,6 @@ from relayd.metrics import DELIVERY_LATENCY, RECIPIENTS, REGISTRY, Sample
 from relayd.ops import alerts as alert_texts
 from relayd.ops.alerts import ALERT_CLIENT, Alerter
 from relayd.ops.control import ControlError, ControlServer, control_socket_path
-from relayd.ops.metrics_http import MetricsServer
 from relayd.ops.spoolview import QueueCensus
 from relayd.queue import commands
 from relayd.queue.commands import CommandError
@@ -39,6 +38,9 @@ from relayd.queue.scheduler import Scheduler
 from relayd.sdnotify import notify
 from relayd.spool.store import Spool
 from relayd.sync.filing import FilingEvents
+
+if TYPE_CHECKING:
+    from relayd.web.listener import HttpListener
 
 __all__ = ["Operations", "OperatorEvents", "submit_socket_listener"]
 
@@ -135,7 +137,7 @@ class Operations:
         self.control: ControlServer | None = None
         self.submit_listener: Listeners | None = None
         self.pickup: MaildropPickup | None = None
-        self.metrics: MetricsServer | None = None
+        self.metrics: HttpListener | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._status = ""
         self._metrics_at: tuple[str, int] | None = None
@@ -235,9 +237,16 @@ class Operations:
             "When the daemon started (Unix time)",
             lambda: [({}, self.started_at)],
         )
-        self.metrics = MetricsServer(REGISTRY, self._healthy)
+        # aiohttp is imported here, after the accepting processes were forked: they never
+        # serve HTTP and need not carry it.
+        from relayd.web.exposition import metrics_application
+        from relayd.web.listener import HttpListener
+
+        self.metrics = HttpListener(
+            metrics_application(REGISTRY, self._healthy), settings.address, settings.port
+        )
         try:
-            await self.metrics.start(settings.address, settings.port)
+            await self.metrics.start()
         except OSError as exc:
             # Metrics are an aid: the relay keeps running without them, and says why.
             log.error(
