@@ -34,6 +34,7 @@ from relayd.config.values import (
     parse_pattern,
     parse_url,
 )
+from relayd.config.web import read_web
 from relayd.config.yamlnodes import ConfigError, Item, NodeReader, compose, line_of
 
 __all__ = ["DEFAULT_CONFIG_PATH", "DEFAULT_STATE_DIRECTORY", "find_config_path", "load_config"]
@@ -56,6 +57,7 @@ ROOT_KEYS = (
     "tenants",
     "alerts",
     "metrics",
+    "web",
 )
 SPOOL_KEYS = ("max_message_size", "retry", "delay_warning", "encrypt_at_rest", "key")
 MIN_SPOOL_KEY_BYTES = 32
@@ -128,7 +130,8 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
     helo = rd.parsed(f["helo_name"], parse_host, "a host name", trim=True) or socket.getfqdn()
     clients = read_clients(rd, f["clients"])
     listeners = read_listeners(rd, f["listen"], clients)
-    tenants = read_tenants(rd, f["tenants"], state)
+    web = read_web(rd, f["web"])
+    tenants = read_tenants(rd, f["tenants"], state, web_configured=web is not None)
     tokens = rd.mapping(f["tokens"], ("key",))
     return Config(
         source=path,
@@ -144,6 +147,7 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
         tenants=tenants,
         alerts=_alerts(rd, f["alerts"], tenants),
         metrics=_metrics(rd, f["metrics"]),
+        web=web,
     )
 
 

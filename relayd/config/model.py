@@ -34,6 +34,7 @@ __all__ = [
     "SpoolConfig",
     "TenantConfig",
     "TlsMode",
+    "WebConfig",
 ]
 
 ANONYMOUS = "anonymous"
@@ -226,6 +227,9 @@ class AccountConfig:
     aliases: tuple[str, ...]  # lower-cased
     capture_path: Path | None  # the Maildir of the capture provider
     where: str  # "tenants.acme.accounts[1]: line 40"
+    # ``password: {connect: true}``: the app password is not in the config; the mailbox owner
+    # gives it on the web connect page, and it is kept encrypted in the state directory.
+    connect_password: bool = False
 
     @property
     def is_capture(self) -> bool:
@@ -261,6 +265,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web listener (SPEC "Web"): connect links, the operator page, metrics."""
+
+    address: str
+    port: int
+    public_url: str  # no trailing slash: links are public_url + "/connect/..."
+    admins: dict[str, str]  # operator name -> scrypt hash (`relayd hash-password`)
+    certificate: Path | None  # both set: HTTPS; else plain HTTP (loopback only)
+    private_key: Path | None
+    where: str
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None and self.private_key is not None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     state_directory: Path
@@ -278,6 +299,7 @@ class Config:
     # Processes accepting SMTP beside the main one (which alone schedules delivery);
     # None: one per CPU plus one; 0: the main process accepts itself.
     accept_processes: int | None = None
+    web: WebConfig | None = None
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)
