@@ -34,6 +34,7 @@ from relayd.inbound.listeners import (
 from relayd.inbound.processes import AcceptProcesses, accept_process_count
 from relayd.log import redactor
 from relayd.metrics import ACCEPTED
+from relayd.oauth.passwords import PasswordStore, passwords_for
 from relayd.oauth.registry import token_sources_for
 from relayd.oauth.store import TokenStore
 from relayd.ops.alerts import Alerter
@@ -72,6 +73,8 @@ class Daemon:
         self.accounts = AccountStore(config.state_directory, fsync=fsync)
         self.tokens = token_sources_for(config, fsync=fsync)
         self.token_store = self.tokens.store
+        # App passwords given on the web connect page (password: {connect: true}).
+        self.passwords = passwords_for(config, fsync=fsync)
         # Whoever puts mail into incoming/ tells the scheduler through here.
         self.inlet = Inlet()
         self.alerter = Alerter(config, self.spool, self.inlet.new_mail)
@@ -80,7 +83,9 @@ class Daemon:
         self.filing = FilingStage(
             config=config,
             spool=self.spool,
-            connections=ImapConnections(token_source=self._imap_token),
+            connections=ImapConnections(
+                token_source=self._imap_token, password_source=self.passwords.password
+            ),
             requeue=self.inlet.requeued,
             events=events,
             fsync=fsync,
@@ -91,13 +96,13 @@ class Daemon:
             accounts=self.accounts,
             deliverer=UpstreamDeliverer(
                 helo_name=config.helo_name,
-                credentials=AccountCredentials(self.tokens),
+                credentials=AccountCredentials(self.tokens, self.passwords),
                 fsync=fsync,
             ),
             inlet=self.inlet,
             filing=self.filing,
             events=events,
-            consent_of=self.tokens.consent_id,
+            consent_of=self._consent_of,
         )
         self.handler = InboundHandler(
             config=config,
@@ -140,6 +145,7 @@ class Daemon:
         self.accounts.prepare()
         self._recovery = self.spool.recover(check_files=False)
         self.token_store.remove_stale_temp_files()
+        self.passwords.store.remove_stale_temp_files()
         self._bound = bind_listeners(self.config.listeners)
         count = accept_process_count(self.config) if fork else 0
         if count > 0:
@@ -246,13 +252,24 @@ class Daemon:
 
         return asyncio.get_running_loop().create_task(beat())
 
+    def _consent_of(self, account: AccountConfig) -> str:
+        """The id of the account's consent: its OAuth tokens, or the app password its owner
+        gave on the connect page."""
+        if account.connect_password:
+            return self.passwords.consent_id(account)
+        return self.tokens.consent_id(account)
+
+    def _stores_snapshot(self) -> tuple[object, ...]:
+        return (self.token_store.snapshot(), self.passwords.store.snapshot())
+
     async def _watch_token_store(self) -> None:
-        """A new consent (`relayd auth`) resumes a paused account and releases its held
-        mail without a restart: its consent id enters the credentials fingerprint."""
-        seen = await asyncio.to_thread(self.token_store.snapshot)
+        """A new consent (`relayd auth`, or the web connect page: tokens or an app password)
+        resumes a paused account and releases its held mail without a restart: its consent
+        id enters the credentials fingerprint."""
+        seen = await asyncio.to_thread(self._stores_snapshot)
         while True:
             await asyncio.sleep(TOKEN_STORE_POLL_SECONDS)
-            now = await asyncio.to_thread(self.token_store.snapshot)
+            now = await asyncio.to_thread(self._stores_snapshot)
             if now == seen:
                 continue
             seen = now
@@ -295,6 +312,9 @@ class Daemon:
                 config.state_directory, key=config.tokens_key, fsync=self.fsync
             )
             self.tokens.use_store(self.token_store)
+            self.passwords.use_store(
+                PasswordStore(config.state_directory, key=config.tokens_key, fsync=self.fsync)
+            )
         self.config = config
         self.handler.config = config
         self.alerter.config = config

@@ -173,13 +173,17 @@ _ALL_BUT_SUCCESS = tuple(f.name for f in fields(AccountHealth) if f.name != "las
 def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
     """Changes when the configured credentials change; reveals nothing usable about them.
 
-    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
-    changes it (and resumes a paused account), a routine token rotation does not.
+    ``consent`` identifies the OAuth consent in the token store (or the app password given
+    on the connect page): a new ``relayd auth`` or connect changes it (and resumes a paused
+    account), a routine token rotation does not.
     """
     h = hashlib.sha256(b"relayd-credentials\0")
     h.update(account.username.encode())
     if account.password is not None:
         h.update(b"\0password\0" + account.password.reveal().encode())
+    if account.connect_password:
+        # The password given on the connect page: a new one comes with a new consent id.
+        h.update(b"\0connected\0" + consent.encode())
     if account.oauth is not None:
         h.update(b"\0oauth\0" + repr(account.oauth).encode())
         # repr() hides secret values: a new client secret or refresh token must count too.

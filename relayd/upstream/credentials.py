@@ -15,6 +15,8 @@ from typing import Protocol
 from relayd.config.model import AccountConfig
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.log import redactor
+from relayd.oauth.passwords import ConnectedPasswords
+from relayd.oauth.sealed import SealedFilesError
 from relayd.oauth.tokens import AccessToken, ConsentRequired, TokenEndpointUnavailable, TokenSource
 from relayd.upstream.transport import AttemptError
 
@@ -48,14 +50,20 @@ class CredentialSource(Protocol):
 
 
 class AccountCredentials:
-    """The daemon's ``CredentialSource``: the app password, else a token from the registry."""
+    """The daemon's ``CredentialSource``: the app password (configured, or given on the
+    connect page), else a token from the registry."""
 
-    def __init__(self, tokens: TokenSource | None = None) -> None:
+    def __init__(
+        self, tokens: TokenSource | None = None, passwords: ConnectedPasswords | None = None
+    ) -> None:
         self.tokens = tokens
+        self.passwords = passwords
 
     async def obtain(self, account: AccountConfig) -> Credential:
         if account.password is not None:
             return Credential(account.username, account.password.reveal(), Mechanism.PASSWORD)
+        if account.connect_password:
+            return Credential(account.username, await self._connected(account), Mechanism.PASSWORD)
         if account.oauth is None or self.tokens is None:
             raise AttemptError(
                 Phase.TOKEN,
@@ -74,6 +82,20 @@ class AccountCredentials:
         # The XOAUTH2 client response is base64 of the whole string, not of the token alone.
         redactor.add_secret(f"user={account.username}\x01auth=Bearer {token.value}\x01\x01")
         return Credential(account.username, token.value, Mechanism.XOAUTH2, token)
+
+    async def _connected(self, account: AccountConfig) -> str:
+        """The password the owner gave on the connect page. None yet is what a missing OAuth
+        consent is: credentials refused (535 5.7.8), so the mail is held, then paused."""
+        fix = f"send the mailbox owner a link from `relayd connect {account.address}`"
+        try:
+            password = await self.passwords.password(account) if self.passwords else None
+        except SealedFilesError as exc:
+            raise AttemptError(Phase.TOKEN, Reply(535, f"5.7.8 {exc}; {fix}")) from None
+        if password is None:
+            raise AttemptError(
+                Phase.TOKEN, Reply(535, f"5.7.8 no app password connected yet; {fix}")
+            )
+        return password
 
     def rejected(self, account: AccountConfig, credential: Credential) -> None:
         if credential.token is not None and self.tokens is not None:

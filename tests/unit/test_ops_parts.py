@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from factories import make_account, make_config
 
+from relayd.core.hints import hint_for
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.inbound.maildrop import Drop, encode_drop, parse_drop
 from relayd.metrics import Registry
 from relayd.ops.alerts import Alert, IncidentBook
-from relayd.ops.hints import hint_for
 from relayd.ops.service import OperatorEvents
 
 
