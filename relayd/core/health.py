@@ -49,6 +49,9 @@ class AccountHealth:
     last_error_at: float | None = None
     last_error: str = ""
     credentials_fingerprint: str = ""
+    # Paused by the operator (web operator page): only a release resumes it, not a probe
+    # or new credentials.
+    operator_paused: bool = False
 
     @property
     def paused(self) -> bool:
@@ -75,6 +78,7 @@ class AccountHealth:
             and self.paused_at is None
             and self.alerted_at is None
             and not self.retry_at
+            and not self.operator_paused
         )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
@@ -136,13 +140,28 @@ class AccountHealth:
             paused_at=None,
             alerted_at=None,
             retry_at=0.0,
+            operator_paused=False,
+        )
+
+    def on_paused_by_operator(self, now: float) -> AccountHealth:
+        """The operator holds the account's mail until they release it; no alert (they know)
+        and no probe (nothing is wrong with the credentials)."""
+        return replace(
+            self,
+            state=AccountState.PAUSED,
+            reason="paused by the operator",
+            paused_at=self.paused_at or now,
+            alerted_at=self.alerted_at or now,
+            retry_at=0.0,
+            operator_paused=True,
         )
 
     def on_credentials_changed(self, fingerprint: str) -> AccountHealth:
-        """New password or token: a paused account gets a fresh chance (SPEC resume rule)."""
+        """New password or token: a paused account gets a fresh chance (SPEC resume rule),
+        unless the operator paused it."""
         if fingerprint == self.credentials_fingerprint:
             return self
-        resumed = self.on_released() if self.paused else self
+        resumed = self.on_released() if self.paused and not self.operator_paused else self
         return replace(resumed, credentials_fingerprint=fingerprint)
 
     def but_alerted(self, now: float) -> AccountHealth:
