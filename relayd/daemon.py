@@ -90,14 +90,13 @@ class Daemon:
             events=events,
             fsync=fsync,
         )
+        self.credentials = AccountCredentials(self.tokens, self.passwords)
         self.scheduler = Scheduler(
             config=config,
             spool=self.spool,
             accounts=self.accounts,
             deliverer=UpstreamDeliverer(
-                helo_name=config.helo_name,
-                credentials=AccountCredentials(self.tokens, self.passwords),
-                fsync=fsync,
+                helo_name=config.helo_name, credentials=self.credentials, fsync=fsync
             ),
             inlet=self.inlet,
             filing=self.filing,
@@ -117,7 +116,7 @@ class Daemon:
         self._recovery: RecoveryReport | None = None
         self._stop = asyncio.Event()
         self._reloads = TaskSet()
-        # Control socket, submit.sock + maildrop, alerts, metrics, STATUS=.
+        # Control socket, submit.sock + maildrop, alerts, metrics, the web pages, STATUS=.
         self.ops = Operations(
             config=config,
             started_at=self.started_at,
@@ -126,6 +125,7 @@ class Daemon:
             handler=self.handler,
             alerter=self.alerter,
             reload=self.reload,
+            credentials=self.credentials,
         )
 
     def _accepted(self, queue_id: str, account: str | None) -> None:

@@ -100,7 +100,12 @@ def _account_status(
     backlog: int,
 ) -> AccountStatus:
     state, why, fix = health.state.value, health.reason, ""
-    if _not_connected(account, config):
+    if health.operator_paused:
+        fix = (
+            "release it on the web operator page, or "
+            f"`relayd queue release --account {account.address}`"
+        )
+    elif _not_connected(account, config):
         state = "not connected"
         why = "no app password given on the connect page yet"
         fix = f"send the mailbox owner a link: `relayd connect {account.address}`"

@@ -38,12 +38,10 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def origin_allowed(origin: str | None, public_url: str, served_at: str) -> bool:
-    """No Origin header (older browsers, some same-origin requests): allowed, the token
-    decides. ``null`` or a foreign origin: refused. ``served_at`` is the origin the request
-    arrived at (http://127.0.0.1:8425 through an SSH tunnel), ``public_url`` the configured
-    one (a reverse proxy)."""
-    if origin is None:
+    """No Origin header (older browsers), or ``null`` (what browsers send under a strict
+    referrer policy or a privacy setting): allowed, the token decides. A foreign origin:
+    refused. ``served_at`` is the origin the request arrived at (http://127.0.0.1:8425
+    through an SSH tunnel), ``public_url`` the configured one (a reverse proxy)."""
+    if origin is None or origin == "null":
         return True
-    if origin == "null":
-        return False
     return _origin(origin) in (_origin(public_url), _origin(served_at))

@@ -114,7 +114,11 @@ class LinkStore:
         """The link of ``token`` (used or not), or None if there is none."""
         if not looks_like_token(token):
             return None
-        digest = digest_of(token)
+        return self.by_digest(digest_of(token))
+
+    def by_digest(self, digest: str) -> Link | None:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            return None
         try:
             doc = json.loads(self._link_path(digest).read_bytes())
         except (OSError, ValueError):

@@ -271,7 +271,7 @@ def test_csrf_tokens() -> None:
         ("https://relay.test", True),
         ("https://relay.test:443", True),
         ("http://127.0.0.1:8425", True),
-        ("null", False),
+        ("null", True),
         ("https://evil.test", False),
         ("http://relay.test", False),
     ],
