@@ -24,6 +24,7 @@ from aiohttp import web
 
 from relayd.config.model import AccountConfig
 from relayd.core.routing import find_account
+from relayd.log import redactor
 from relayd.passwords import verify_password
 from relayd.queue import commands
 from relayd.queue.scheduler import Scheduler
@@ -118,6 +119,7 @@ class OperatorPage:
             log.warning("operator page: wrong password for %s from %s", name, client)
             return None
         self._remembered[name] = (fingerprint, now)
+        redactor.add_secret(password)
         return name
 
     def _challenge(self) -> web.Response:

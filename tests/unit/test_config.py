@@ -1577,6 +1577,7 @@ def test_example_config_loads_cleanly() -> None:
         "alice@acme.example",
         "scanner@acme.example",
         "owner@gmail.example",
+        "frontdesk@gmail.example",
         "info@host.example",
         "ops@host.example",
     ]
@@ -1586,6 +1587,10 @@ def test_example_config_loads_cleanly() -> None:
     assert config.tenants[2].domain_account is not None
     assert config.alerts is not None and config.metrics is not None
     assert config.tokens_key is not None
+    assert config.web is not None and config.web.public_url == "https://relay.acme.example"
+    assert [a.address for a in config.accounts() if a.connect_password] == [
+        "frontdesk@gmail.example"
+    ]
 
 
 def test_example_config_needs_its_secrets() -> None:
@@ -1619,7 +1624,7 @@ def test_local_config_loads_cleanly() -> None:
 def test_cli_check_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["-c", str(EXAMPLE), "check-config"]) == 0
     out, err = capsys.readouterr()
-    assert (out, err) == ("config OK: 5 tenants, 5 accounts, 3 listeners\n", "")
+    assert (out, err) == ("config OK: 5 tenants, 6 accounts, 3 listeners\n", "")
     assert cli.main(["check-config", "-c", str(LOCAL)]) == 0
     assert capsys.readouterr().out == "config OK: 1 tenants, 0 accounts, 1 listeners\n"
 

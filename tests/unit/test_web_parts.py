@@ -288,3 +288,31 @@ def test_rate_limit_window() -> None:
     assert limit.allow("a", NOW + 60)  # the first one left the window
     small = RateLimit(1, 60, max_keys=2)
     assert small.allow("x", NOW) and small.allow("y", NOW) and small.allow("z", NOW + 61)
+
+
+# -- relayd connect ----------------------------------------------------------------------------
+
+
+def test_relayd_connect_prints_a_link(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relayd import cli
+
+    config = tmp_path / "relayd.yaml"
+    config.write_text(
+        f"state_directory: {tmp_path}/state\n"
+        "web: {address: 127.0.0.1:8425, public_url: https://relay.test}\n"
+        "tenants:\n  t:\n    provider: gmail\n    accounts:\n"
+        "      - {address: a@example.test, password: {connect: true}}\n"
+        "      - {address: b@example.test, password: literal-password}\n"
+    )
+    assert cli.main(["-c", str(config), "connect", "A@example.test", "--expires", "2h"]) == 0
+    out, err = capsys.readouterr()
+    link = out.strip()
+    assert link.startswith("https://relay.test/connect/") and "works once" in err
+    found = LinkStore(tmp_path / "state").find(link.rsplit("/", 1)[1])
+    assert found is not None and found.account == "a@example.test"
+    assert 7100 < found.expires_at - found.created_at <= 7200
+    assert cli.main(["-c", str(config), "connect", "b@example.test"]) == 1
+    assert "nothing to connect" in capsys.readouterr().err
+    assert cli.main(["-c", str(config), "connect", "nobody@example.test"]) == 1
+    assert cli.main(["-c", str(config), "connect", "a@example.test", "--expires", "soon"]) == 2
+    assert cli.main(["-c", str(config), "connect", "a@example.test", "--expires", "90d"]) == 2
