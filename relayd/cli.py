@@ -26,6 +26,7 @@ from relayd.ops.commands import (
     cmd_status,
 )
 from relayd.passwords import hash_password
+from relayd.web.command import add_connect_arguments, cmd_connect
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -118,6 +119,11 @@ COMMANDS: dict[str, Command] = {
         cmd_hash_password, "read a password (prompt, or one line of stdin) and print its hash"
     ),
     "auth": Command(cmd_auth, "obtain and store OAuth tokens for an account", add_auth_arguments),
+    "connect": Command(
+        cmd_connect,
+        "print a single-use link with which the mailbox owner connects the account",
+        add_connect_arguments,
+    ),
     "reload": Command(cmd_reload, "ask the running daemon to reload its configuration"),
     "status": Command(
         cmd_status,

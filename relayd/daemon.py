@@ -35,6 +35,7 @@ from relayd.inbound.listeners import (
 from relayd.inbound.processes import AcceptProcesses, accept_process_count
 from relayd.log import redactor
 from relayd.metrics import ACCEPTED
+from relayd.oauth.passwords import PasswordStore, passwords_for
 from relayd.oauth.registry import token_sources_for
 from relayd.oauth.store import TokenStore
 from relayd.ops.alerts import Alerter
@@ -74,6 +75,8 @@ class Daemon:
         self.accounts = AccountStore(config.state_directory, fsync=fsync)
         self.tokens = token_sources_for(config, fsync=fsync)
         self.token_store = self.tokens.store
+        # App passwords given on the web connect page (password: {connect: true}).
+        self.passwords = passwords_for(config, fsync=fsync)
         # Whoever puts mail into incoming/ tells the scheduler through here.
         self.inlet = Inlet()
         self.alerter = Alerter(config, self.spool, self.inlet.new_mail)
@@ -82,24 +85,25 @@ class Daemon:
         self.filing = FilingStage(
             config=config,
             spool=self.spool,
-            connections=ImapConnections(token_source=self._imap_token),
+            connections=ImapConnections(
+                token_source=self._imap_token, password_source=self.passwords.password
+            ),
             requeue=self.inlet.requeued,
             events=events,
             fsync=fsync,
         )
+        self.credentials = AccountCredentials(self.tokens, self.passwords)
         self.scheduler = Scheduler(
             config=config,
             spool=self.spool,
             accounts=self.accounts,
             deliverer=UpstreamDeliverer(
-                helo_name=config.helo_name,
-                credentials=AccountCredentials(self.tokens),
-                fsync=fsync,
+                helo_name=config.helo_name, credentials=self.credentials, fsync=fsync
             ),
             inlet=self.inlet,
             filing=self.filing,
             events=events,
-            consent_of=self.tokens.consent_id,
+            consent_of=self._consent_of,
         )
         # Failed client logins, counted by every process that accepts (relayd.inbound.guard).
         config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,7 +122,7 @@ class Daemon:
         self._recovery: RecoveryReport | None = None
         self._stop = asyncio.Event()
         self._reloads = TaskSet()
-        # Control socket, submit.sock + maildrop, alerts, metrics, STATUS=.
+        # Control socket, submit.sock + maildrop, alerts, metrics, the web pages, STATUS=.
         self.ops = Operations(
             config=config,
             started_at=self.started_at,
@@ -127,6 +131,7 @@ class Daemon:
             handler=self.handler,
             alerter=self.alerter,
             reload=self.reload,
+            credentials=self.credentials,
         )
 
     def _accepted(self, queue_id: str, account: str | None) -> None:
@@ -146,6 +151,7 @@ class Daemon:
         self.accounts.prepare()
         self._recovery = self.spool.recover(check_files=False)
         self.token_store.remove_stale_temp_files()
+        self.passwords.store.remove_stale_temp_files()
         self._bound = bind_listeners(self.config.listeners)
         count = accept_process_count(self.config) if fork else 0
         if count > 0:
@@ -275,13 +281,24 @@ class Daemon:
 
         return asyncio.get_running_loop().create_task(beat())
 
+    def _consent_of(self, account: AccountConfig) -> str:
+        """The id of the account's consent: its OAuth tokens, or the app password its owner
+        gave on the connect page."""
+        if account.connect_password:
+            return self.passwords.consent_id(account)
+        return self.tokens.consent_id(account)
+
+    def _stores_snapshot(self) -> tuple[object, ...]:
+        return (self.token_store.snapshot(), self.passwords.store.snapshot())
+
     async def _watch_token_store(self) -> None:
-        """A new consent (`relayd auth`) resumes a paused account and releases its held
-        mail without a restart: its consent id enters the credentials fingerprint."""
+        """A new consent (`relayd auth`, or the web connect page: tokens or an app password)
+        resumes a paused account and releases its held mail without a restart: its consent
+        id enters the credentials fingerprint."""
         seen: object = None
         while True:
             try:
-                now = await asyncio.to_thread(self.token_store.snapshot)
+                now = await asyncio.to_thread(self._stores_snapshot)
                 if seen is not None and now != seen:
                     self.tokens.forget()
                     self.scheduler.credentials_changed()
@@ -326,6 +343,9 @@ class Daemon:
                 config.state_directory, key=config.tokens_key, fsync=self.fsync
             )
             self.tokens.use_store(self.token_store)
+            self.passwords.use_store(
+                PasswordStore(config.state_directory, key=config.tokens_key, fsync=self.fsync)
+            )
         self.config = config
         self.handler.config = config
         self.alerter.config = config

@@ -1,25 +1,32 @@
-"""Prometheus metrics: a small registry and its text exposition format (version 0.0.4).
+"""Prometheus metrics: relayd's registry, counted through ``prometheus_client``.
 
 The ground floor of relayd: every layer counts through the module-level metrics declared
-here and none of them needs the operator package to do so, e.g.::
+here and none of them needs the operator or web package to do so, e.g.::
 
     from relayd.metrics import TOKEN_REFRESHES
     TOKEN_REFRESHES.inc(account="alice@acme.example", result="ok")
 
-Counting never does I/O and never raises, so it is safe on any path of the event loop. The
-HTTP endpoint that serves ``REGISTRY`` is ``relayd.ops.metrics_http``.
+Counting never does I/O and never raises, so it is safe on any path of the event loop (and
+from the worker threads msal runs in: prometheus_client's values are locked). Gauges are
+computed when scraped (queue depth is read from the spool then) by one custom collector.
+The registry is relayd's own, not prometheus_client's process-wide default, so the
+exposition holds relayd's series and nothing an imported library registers. The HTTP
+endpoints that serve it are in ``relayd.web.exposition``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = [
     "ACCEPTED",
     "ALERTS",
+    "CONTENT_TYPE",
     "DELIVERY_LATENCY",
     "IMAP_COPIES",
     "RECIPIENTS",
@@ -33,139 +40,105 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Labels = tuple[tuple[str, str], ...]
+# The exposition of ``_created`` series doubles every counter's lines for a timestamp that
+# the daemon's start time (relayd_start_time_seconds) already gives.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+#: The text exposition format, version 0.0.4.
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
 # A gauge sample computed at scrape time: (labels, value).
 Sample = tuple[dict[str, str], float]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _label_text(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return str(int(value)) if float(value).is_integer() else repr(value)
-
-
-class Counter:
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.label_names = tuple(labels)
-        self._values: dict[Labels, float] = {}
-        # Token refreshes may be counted from a worker thread (msal runs in one).
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, str]) -> Labels:
-        return tuple((name, str(labels.get(name, ""))) for name in self.label_names)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        with self._lock:
-            items = sorted(self._values.items())
-        lines += [f"{self.name}{_label_text(k)} {_number(v)}" for k, v in items]
-        return lines
-
 
 # Delivery latency from acceptance to the upstream's reply: seconds for a healthy provider,
 # up to days for mail that waited out an outage.
 DEFAULT_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
 
+class Counter:
+    """A counter whose labels are given by name at each count."""
+
+    def __init__(self, inner: prometheus_client.Counter, labels: Sequence[str]) -> None:
+        self._inner = inner
+        self.label_names = tuple(labels)
+
+    def _child(self, labels: dict[str, str]) -> prometheus_client.Counter:
+        if not self.label_names:
+            return self._inner
+        return self._inner.labels(*(str(labels.get(name, "")) for name in self.label_names))
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        self._child(labels).inc(amount)
+
+    def value(self, **labels: str) -> float:
+        return float(self._child(labels)._value.get())
+
+
 class Histogram:
-    def __init__(
-        self, name: str, help_text: str, buckets: Sequence[float] = DEFAULT_BUCKETS
-    ) -> None:
-        self.name = name
-        self.help = help_text
-        self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * len(self.buckets)
-        self._sum = 0.0
+    def __init__(self, inner: prometheus_client.Histogram) -> None:
+        self._inner = inner
         self._count = 0
-        self._lock = threading.Lock()
 
     def observe(self, value: float) -> None:
-        with self._lock:
-            self._sum += value
-            self._count += 1
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self._counts[i] += 1
+        self._inner.observe(value)
+        self._count += 1
 
     @property
     def count(self) -> int:
         return self._count
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        with self._lock:
-            counts, total, count = list(self._counts), self._sum, self._count
-        for bound, n in zip(self.buckets, counts, strict=True):
-            lines.append(f'{self.name}_bucket{{le="{_number(float(bound))}"}} {n}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {count}')
-        lines.append(f"{self.name}_sum {_number(total)}")
-        lines.append(f"{self.name}_count {count}")
-        return lines
 
+class _ScrapeTimeGauges(Collector):
+    """The gauges whose values are computed when scraped; one broken gauge leaves the rest
+    of the scrape intact."""
 
-class _Gauge:
-    """Gauges are computed when scraped (queue depth is read from the spool then)."""
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], Iterable[Sample]]]] = {}
 
-    def __init__(self, name: str, help_text: str, collect: Callable[[], Iterable[Sample]]) -> None:
-        self.name = name
-        self.help = help_text
-        self.collect = collect
+    def collect(self) -> Iterator[Metric]:
+        for name, (help_text, compute) in list(self.gauges.items()):
+            try:
+                samples = list(compute())
+            except Exception:  # a scrape must not fail because one gauge could not be read
+                log.exception("metrics: cannot compute %s", name)
+                yield GaugeMetricFamily(name, help_text)
+                continue
+            label_names = list(dict.fromkeys(k for labels, _ in samples for k in labels))
+            family = GaugeMetricFamily(name, help_text, labels=label_names)
+            for labels, value in sorted(samples, key=lambda s: sorted(s[0].items())):
+                family.add_metric([labels.get(k, "") for k in label_names], value)
+            yield family
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
-        try:
-            samples = list(self.collect())
-        except Exception:  # a scrape must not fail because one gauge could not be read
-            log.exception("metrics: cannot compute %s", self.name)
-            return lines
-        for labels, value in sorted(samples, key=lambda s: sorted(s[0].items())):
-            lines.append(f"{self.name}{_label_text(tuple(labels.items()))} {_number(value)}")
-        return lines
+    def describe(self) -> Iterable[Metric]:
+        return ()  # names change as gauges are defined: no duplicate check at registration
 
 
 class Registry:
     def __init__(self) -> None:
-        self._metrics: dict[str, Counter | Histogram | _Gauge] = {}
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._gauges = _ScrapeTimeGauges()
+        self.registry.register(self._gauges)
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        metric = Counter(name, help_text, labels)
-        self._metrics[name] = metric
-        return metric
+        inner = prometheus_client.Counter(
+            name, help_text, labelnames=tuple(labels), registry=self.registry
+        )
+        return Counter(inner, labels)
 
-    def histogram(self, name: str, help_text: str) -> Histogram:
-        metric = Histogram(name, help_text)
-        self._metrics[name] = metric
-        return metric
+    def histogram(
+        self, name: str, help_text: str, buckets: Sequence[float] = DEFAULT_BUCKETS
+    ) -> Histogram:
+        inner = prometheus_client.Histogram(
+            name, help_text, buckets=tuple(buckets), registry=self.registry
+        )
+        return Histogram(inner)
 
     def gauge(self, name: str, help_text: str, collect: Callable[[], Iterable[Sample]]) -> None:
         """(Re)define a gauge; the daemon sets its collectors when it starts."""
-        self._metrics[name] = _Gauge(name, help_text, collect)
+        self._gauges.gauges[name] = (help_text, collect)
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics.values():
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+        return prometheus_client.generate_latest(self.registry).decode()
 
 
 REGISTRY = Registry()

@@ -27,6 +27,7 @@ from relayd.config.model import (
     SpoolConfig,
     TenantConfig,
     TlsMode,
+    WebConfig,
 )
 from relayd.config.yamlnodes import ConfigError
 
@@ -51,6 +52,7 @@ __all__ = [
     "SpoolConfig",
     "TenantConfig",
     "TlsMode",
+    "WebConfig",
     "find_config_path",
     "load_config",
     "load_for_command",

@@ -36,6 +36,7 @@ from relayd.config.values import (
     parse_pattern,
     parse_url,
 )
+from relayd.config.web import read_web
 from relayd.config.yamlnodes import ConfigError, Item, NodeReader, compose, line_of
 
 __all__ = ["DEFAULT_CONFIG_PATH", "DEFAULT_STATE_DIRECTORY", "find_config_path", "load_config"]
@@ -60,6 +61,7 @@ ROOT_KEYS = (
     "metrics",
     "client_connections",
     "stop_timeout",
+    "web",
 )
 CLIENT_CONNECTIONS_KEYS = (
     "max",
@@ -139,7 +141,8 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
     helo = rd.parsed(f["helo_name"], parse_host, "a host name", trim=True) or socket.getfqdn()
     clients = read_clients(rd, f["clients"])
     listeners = read_listeners(rd, f["listen"], clients)
-    tenants = read_tenants(rd, f["tenants"], state)
+    web = read_web(rd, f["web"])
+    tenants = read_tenants(rd, f["tenants"], state, web_configured=web is not None)
     tokens = rd.mapping(f["tokens"], ("key",))
     return Config(
         source=path,
@@ -157,6 +160,7 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
         metrics=_metrics(rd, f["metrics"]),
         client_connections=_client_connections(rd, f["client_connections"]),
         stop_timeout=rd.duration(f["stop_timeout"]) or DEFAULT_STOP_TIMEOUT,
+        web=web,
     )
 
 

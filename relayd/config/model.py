@@ -36,6 +36,7 @@ __all__ = [
     "SpoolConfig",
     "TenantConfig",
     "TlsMode",
+    "WebConfig",
 ]
 
 ANONYMOUS = "anonymous"
@@ -247,6 +248,9 @@ class AccountConfig:
     aliases: tuple[str, ...]  # lower-cased
     capture_path: Path | None  # the Maildir of the capture provider
     where: str  # "tenants.acme.accounts[1]: line 40"
+    # ``password: {connect: true}``: the app password is not in the config; the mailbox owner
+    # gives it on the web connect page, and it is kept encrypted in the state directory.
+    connect_password: bool = False
 
     @property
     def is_capture(self) -> bool:
@@ -282,6 +286,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The web listener (SPEC "Web"): connect links, the operator page, metrics."""
+
+    address: str
+    port: int
+    public_url: str  # no trailing slash: links are public_url + "/connect/..."
+    admins: dict[str, str]  # operator name -> scrypt hash (`relayd hash-password`)
+    certificate: Path | None  # both set: HTTPS; else plain HTTP (loopback only)
+    private_key: Path | None
+    where: str
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None and self.private_key is not None
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     state_directory: Path
@@ -303,6 +324,7 @@ class Config:
     # How long a SIGTERM may take, all of it: well under systemd's TimeoutStopSec (45 s in
     # the shipped unit), so that nothing is killed by systemd in the middle of a write.
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    web: WebConfig | None = None
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)

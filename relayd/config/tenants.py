@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relayd.config.model import AccountConfig, AddressPattern, SentCopy, TenantConfig
+from yaml.nodes import MappingNode
+
+from relayd.config.model import AccountConfig, AddressPattern, Secret, SentCopy, TenantConfig
 from relayd.config.presets import APP_ONLY_FLOWS, PRESETS, Preset
 from relayd.config.secrets import read_secret
 from relayd.config.settings import (
@@ -79,6 +81,7 @@ class _Tenant:
     sent_copy: SentCopy | None
     from_name: str | None
     capture_path: Path | None
+    web_configured: bool
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,17 @@ def _one_line(text: str) -> str:
     return text
 
 
-def read_tenants(rd: NodeReader, item: Item, state_directory: Path) -> tuple[TenantConfig, ...]:
+def read_tenants(
+    rd: NodeReader, item: Item, state_directory: Path, *, web_configured: bool = False
+) -> tuple[TenantConfig, ...]:
+    """``web_configured``: a web listener exists, so ``password: {connect: true}`` can work."""
     senders = _Claims(rd, "sender", "account")
     domains = _Claims(rd, "domain", "tenant")
     tenants: list[TenantConfig] = []
     for name, tenant_item in rd.mapping(item, None).items():
-        tenant = _read_tenant(rd, name, tenant_item, state_directory, senders, domains)
+        tenant = _read_tenant(
+            rd, name, tenant_item, state_directory, senders, domains, web_configured
+        )
         if tenant is not None:
             tenants.append(tenant)
     return tuple(tenants)
@@ -140,6 +148,7 @@ def _read_tenant(
     state_directory: Path,
     senders: _Claims,
     domain_claims: _Claims,
+    web_configured: bool,
 ) -> TenantConfig | None:
     if not _TENANT_NAME.fullmatch(name):
         rd.error(item.path, item.line, "a tenant name is letters, digits, - and _")
@@ -180,6 +189,7 @@ def _read_tenant(
         sent_copy=rd.enum(f["sent_copy"], SentCopy),
         from_name=rd.parsed(f["from_name"], _one_line, "a display name"),
         capture_path=capture_path,
+        web_configured=web_configured,
     )
 
     patterns: list[AddressPattern] = []
@@ -298,7 +308,9 @@ def _assemble(
             where=item.where,
         )
 
-    password = read_secret(rd, own.password) if own.password is not None else None
+    password, connect = (
+        _password(rd, own.password, tenant) if own.password is not None else (None, False)
+    )
     oauth_layer: OAuthLayer | None = None
     if own.oauth is not None:
         if own.password is not None:
@@ -330,6 +342,7 @@ def _assemble(
         provider=preset.name,
         username=username,
         password=password,
+        connect_password=connect,
         oauth=oauth,
         smtp=smtp,
         imap=imap,
@@ -340,3 +353,29 @@ def _assemble(
         capture_path=None,
         where=item.where,
     )
+
+
+def _password(rd: NodeReader, item: Item, tenant: _Tenant) -> tuple[Secret | None, bool]:
+    """A secret value, or ``{connect: true}``: the mailbox owner gives the app password on the
+    web connect page (``relayd connect ADDRESS``). Returns (secret, connect)."""
+    node = item.node
+    if not isinstance(node, MappingNode) or not any(k.value == "connect" for k, _ in node.value):
+        return read_secret(rd, item), False
+    f = rd.mapping(item, ("connect",))
+    value = rd.boolean(f["connect"])
+    if value is not True:
+        if value is False:
+            rd.error(
+                f["connect"].path,
+                f["connect"].line,
+                "connect: false means no password; write a secret value instead",
+            )
+        return None, False
+    if not tenant.web_configured:
+        rd.error(
+            item.path,
+            item.line,
+            "password: {connect: true} needs the web listener, where the mailbox owner gives "
+            "the password: add web: {address: ..., public_url: ...}",
+        )
+    return None, True

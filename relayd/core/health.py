@@ -49,6 +49,9 @@ class AccountHealth:
     last_error_at: float | None = None
     last_error: str = ""
     credentials_fingerprint: str = ""
+    # Paused by the operator (web operator page): only a release resumes it, not a probe
+    # or new credentials.
+    operator_paused: bool = False
 
     @property
     def paused(self) -> bool:
@@ -75,6 +78,7 @@ class AccountHealth:
             and self.paused_at is None
             and self.alerted_at is None
             and not self.retry_at
+            and not self.operator_paused
         )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
@@ -149,13 +153,28 @@ class AccountHealth:
             paused_at=None,
             alerted_at=None,
             retry_at=0.0,
+            operator_paused=False,
+        )
+
+    def on_paused_by_operator(self, now: float) -> AccountHealth:
+        """The operator holds the account's mail until they release it; no alert (they know)
+        and no probe (nothing is wrong with the credentials)."""
+        return replace(
+            self,
+            state=AccountState.PAUSED,
+            reason="paused by the operator",
+            paused_at=self.paused_at or now,
+            alerted_at=self.alerted_at or now,
+            retry_at=0.0,
+            operator_paused=True,
         )
 
     def on_credentials_changed(self, fingerprint: str) -> AccountHealth:
-        """New password or token: a paused account gets a fresh chance (SPEC resume rule)."""
+        """New password or token: a paused account gets a fresh chance (SPEC resume rule),
+        unless the operator paused it."""
         if fingerprint == self.credentials_fingerprint:
             return self
-        resumed = self.on_released() if self.paused else self
+        resumed = self.on_released() if self.paused and not self.operator_paused else self
         return replace(resumed, credentials_fingerprint=fingerprint)
 
     def but_alerted(self, now: float) -> AccountHealth:
@@ -186,13 +205,17 @@ _ALL_BUT_SUCCESS = tuple(f.name for f in fields(AccountHealth) if f.name != "las
 def credentials_fingerprint(account: AccountConfig, consent: str = "") -> str:
     """Changes when the configured credentials change; reveals nothing usable about them.
 
-    ``consent`` identifies the OAuth consent in the token store: a new ``relayd auth``
-    changes it (and resumes a paused account), a routine token rotation does not.
+    ``consent`` identifies the OAuth consent in the token store (or the app password given
+    on the connect page): a new ``relayd auth`` or connect changes it (and resumes a paused
+    account), a routine token rotation does not.
     """
     h = hashlib.sha256(b"relayd-credentials\0")
     h.update(account.username.encode())
     if account.password is not None:
         h.update(b"\0password\0" + account.password.reveal().encode())
+    if account.connect_password:
+        # The password given on the connect page: a new one comes with a new consent id.
+        h.update(b"\0connected\0" + consent.encode())
     if account.oauth is not None:
         h.update(b"\0oauth\0" + repr(account.oauth).encode())
         # repr() hides secret values: a new client secret or refresh token must count too.

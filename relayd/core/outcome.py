@@ -67,9 +67,10 @@ class FailureKind(enum.Enum):
     TLS = "tls"  # handshake or certificate verification failed
     NO_STARTTLS = "no-starttls"  # server does not offer STARTTLS: never fall back to plain
     PROTOCOL = "protocol"  # garbage, unexpected disconnect, a reply the step does not allow
-    # No usable OAuth grant: none was ever given (``relayd auth`` not run yet), or the token
-    # endpoint refused it (RFC 6749 §5.2 invalid_grant). Said by relayd or the token
-    # endpoint, never by the mail server: the mail is held, as for refused credentials.
+    # No usable OAuth grant or connected app password: none was ever given (``relayd auth``
+    # or the connect page not used yet), or the token endpoint refused it (RFC 6749 §5.2
+    # invalid_grant). Said by relayd or the token endpoint, never by the mail server: the
+    # mail is held, as for refused credentials.
     CONSENT = "consent"
     # The server offers no login mechanism relayd can use with the account's credentials: a
     # configuration problem no retry fixes, like a 504 to AUTH; held, never bounced.
@@ -90,7 +91,7 @@ class Failure:
 
     def __str__(self) -> str:
         if self.kind is FailureKind.CONSENT:
-            return f"no OAuth2 consent: {self.detail}"
+            return f"no consent from the mailbox owner: {self.detail}"
         return f"{self.kind.value} during {self.phase.value}: {self.detail}"
 
 

@@ -22,7 +22,7 @@ from relayd.oauth import flows
 from relayd.oauth.store import StoredTokens, TokenStore, TokenStoreError, new_consent_id
 from relayd.oauth.tokens import TokenError
 
-__all__ = ["add_auth_arguments", "cmd_auth"]
+__all__ = ["add_auth_arguments", "cmd_auth", "save_consent"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -52,6 +52,25 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
         help="no browser on this machine: device code (Microsoft) or paste the "
         "redirected address back (Google)",
     )
+
+
+def save_consent(
+    store: TokenStore, account: AccountConfig, outcome: flows.ConsentResult
+) -> StoredTokens:
+    """Store a new consent (``relayd auth``, or the web connect page): the tokens with a new
+    consent id, which a running daemon notices in the store and resumes the account for."""
+    assert account.oauth is not None
+    record = StoredTokens(
+        address=account.address,
+        flow=account.oauth.flow,
+        refresh_token=outcome.refresh_token,
+        access_token=outcome.access_token or None,
+        expires_at=outcome.expires_at,
+        consent_id=new_consent_id(),
+        updated_at=time.time(),
+    )
+    store.update(account.address, lambda _old: record)
+    return record
 
 
 def _say(text: str) -> None:
@@ -149,18 +168,9 @@ def cmd_auth(args: argparse.Namespace) -> int:
             "provider will refuse to send as the account unless that identity may."
         )
     store = TokenStore(config.state_directory, key=config.tokens_key)
-    record = StoredTokens(
-        address=account.address,
-        flow=account.oauth.flow,
-        refresh_token=outcome.refresh_token,
-        access_token=outcome.access_token or None,
-        expires_at=outcome.expires_at,
-        consent_id=new_consent_id(),
-        updated_at=time.time(),
-    )
     try:
         config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store.update(account.address, lambda _old: record)
+        save_consent(store, account, outcome)
     except (TokenStoreError, OSError) as exc:
         return _error(f"could not store the tokens: {exc}")
     _say(

@@ -28,7 +28,13 @@ from relayd.oauth.tokens import (
     grant_error,
 )
 
-__all__ = ["TOKEN_TIMEOUT", "TokenHttpSession", "describe_network_error", "post_token_request"]
+__all__ = [
+    "TOKEN_TIMEOUT",
+    "TokenHttpSession",
+    "describe_network_error",
+    "post_token_request",
+    "token_document",
+]
 
 #: Seconds for one token endpoint request (connect + answer).
 TOKEN_TIMEOUT = 30.0
@@ -70,6 +76,16 @@ def post_token_request(
     session: requests.Session, url: str, form: dict[str, str], address: str
 ) -> Grant:
     """POST an RFC 6749 token request (§6 refresh, §4.4 client credentials) and read §5."""
+    doc, now = token_document(session, url, form, address)
+    return grant_from(doc, now)
+
+
+def token_document(
+    session: requests.Session, url: str, form: dict[str, str], address: str
+) -> tuple[dict[str, Any], float]:
+    """POST a token request; the successful answer (RFC 6749 §5.1) and when it was asked.
+    An error answer (§5.2) raises the matching TokenError; 5xx and garbage are
+    TokenEndpointUnavailable."""
     now = time.time()
     try:
         resp = session.post(url, data=form, headers={"Accept": "application/json"})
@@ -83,7 +99,7 @@ def post_token_request(
         raise TokenEndpointUnavailable(f"token endpoint answered HTTP {resp.status_code}")
     if resp.status_code != 200 or "error" in doc:
         raise grant_error(doc.get("error"), doc.get("error_description"), address)
-    return grant_from(doc, now)
+    return doc, now
 
 
 def grant_from(doc: dict[str, Any], now: float) -> Grant:

@@ -27,9 +27,10 @@ import aiosmtplib
 
 from relayd.config import load_for_command
 from relayd.config.model import AccountConfig, Config, TlsMode
+from relayd.core.hints import hint_for
 from relayd.core.routing import find_account
+from relayd.oauth.passwords import passwords_for
 from relayd.oauth.registry import token_sources_for
-from relayd.ops.hints import hint_for
 from relayd.tls import client_context
 from relayd.upstream.credentials import AccountCredentials
 from relayd.upstream.dataphase import BytesContent
@@ -174,6 +175,8 @@ async def _alternatives(account: AccountConfig, helo: str, report: Report) -> No
 def _credential_text(account: AccountConfig) -> str:
     if account.password is not None:
         return f"password {DOTS} ({account.password.source})"
+    if account.connect_password:
+        return f"password {DOTS} (given on the connect page)"
     if account.oauth is not None:
         return f"OAuth2 ({account.oauth.flow})"
     return "no credentials"
@@ -194,7 +197,8 @@ async def _smtp_login_and_send(
 ) -> None:
     # The daemon's own credentials code: the app password, or the stored OAuth tokens.
     deliverer = UpstreamDeliverer(
-        helo_name=config.helo_name, credentials=AccountCredentials(token_sources_for(config))
+        helo_name=config.helo_name,
+        credentials=AccountCredentials(token_sources_for(config), passwords_for(config)),
     )
     session = deliverer.new_transport(account)
     try:
@@ -233,7 +237,9 @@ async def _imap(config: Config, account: AccountConfig, report: Report) -> None:
         async def token_source(acc: AccountConfig) -> str:
             return (await tokens.access_token(acc)).value
 
-    session = ImapSession(account, token_source=token_source)
+    session = ImapSession(
+        account, token_source=token_source, password_source=passwords_for(config).password
+    )
     try:
         await session.open()
         report.ok("login", f"as {imap.username or account.username}")

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relayd import __version__
 from relayd.config import ConfigError, load_config
@@ -30,7 +31,6 @@ from relayd.metrics import DELIVERY_LATENCY, RECIPIENTS, REGISTRY, Sample
 from relayd.ops import alerts as alert_texts
 from relayd.ops.alerts import ALERT_CLIENT, Alerter
 from relayd.ops.control import ControlError, ControlServer, control_socket_path
-from relayd.ops.metrics_http import MetricsServer
 from relayd.ops.spoolview import QueueCensus
 from relayd.queue import commands
 from relayd.queue.commands import CommandError
@@ -40,6 +40,12 @@ from relayd.sdnotify import notify
 from relayd.spool.store import Spool
 from relayd.sync.filing import FilingEvents
 from relayd.tasks import vitals
+from relayd.upstream.credentials import CredentialSource
+
+if TYPE_CHECKING:
+    from relayd.ops.status import AccountStatus
+    from relayd.web.listener import HttpListener
+    from relayd.web.service import WebService
 
 __all__ = ["Operations", "OperatorEvents", "submit_socket_listener"]
 
@@ -123,8 +129,10 @@ class Operations:
         handler: InboundHandler,
         alerter: Alerter,
         reload: Callable[[], Awaitable[bool]],
+        credentials: CredentialSource,
     ) -> None:
-        """``reload``: the daemon's reload; True if the new configuration is in force."""
+        """``reload``: the daemon's reload; True if the new configuration is in force.
+        ``credentials``: the daemon's logins, for the web page's test messages."""
         self.config = config
         self.started_at = started_at
         self.spool = spool
@@ -132,11 +140,13 @@ class Operations:
         self.handler = handler
         self.alerter = alerter
         self.reload = reload
+        self.credentials = credentials
         self.census = QueueCensus(spool)
         self.control: ControlServer | None = None
         self.submit_listener: Listeners | None = None
         self.pickup: MaildropPickup | None = None
-        self.metrics: MetricsServer | None = None
+        self.metrics: HttpListener | None = None
+        self.web: WebService | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._status = ""
         self._metrics_at: tuple[str, int] | None = None
@@ -154,7 +164,9 @@ class Operations:
         self.pickup = MaildropPickup(state, self.handler)
         await self.pickup.scan()  # what waited while the daemon was down, before READY=1
         self.pickup.start()
+        self._define_gauges()
         await self._start_metrics()
+        await self._start_web()
         self._loop_task = vitals.start("housekeeping", self._housekeeping())
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -173,6 +185,8 @@ class Operations:
             await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.web is not None:
+            await self.web.close()
         await self.alerter.drain(timeout=max(0.1, deadline - loop.time()))
 
     def reloaded(self, config: Config) -> None:
@@ -181,6 +195,10 @@ class Operations:
         new = (config.metrics.address, config.metrics.port) if config.metrics else None
         if old != new:
             log.warning("metrics.address changed: takes effect at the next start")
+        if self.web is not None:
+            self.web.reloaded(config)
+        elif config.web is not None:
+            log.warning("web added to the config: takes effect at the next start")
 
     # -- housekeeping: STATUS= and reminders -----------------------------------------------
 
@@ -232,9 +250,8 @@ class Operations:
     def metrics_address(self) -> tuple[str, int] | None:
         return self._metrics_at if self.metrics is not None else None
 
-    async def _start_metrics(self) -> None:
-        settings = self.config.metrics
-        if settings is None:
+    def _define_gauges(self) -> None:
+        if self.config.metrics is None and self.config.web is None:
             return
         REGISTRY.gauge(
             "relayd_queue_messages", "Messages in the spool by queue and account", self._depths
@@ -245,9 +262,21 @@ class Operations:
             "When the daemon started (Unix time)",
             lambda: [({}, self.started_at)],
         )
-        self.metrics = MetricsServer(REGISTRY, self._healthy)
+
+    async def _start_metrics(self) -> None:
+        settings = self.config.metrics
+        if settings is None:
+            return
+        # aiohttp is imported here, after the accepting processes were forked: they never
+        # serve HTTP and need not carry it.
+        from relayd.web.exposition import metrics_application
+        from relayd.web.listener import HttpListener
+
+        self.metrics = HttpListener(
+            metrics_application(REGISTRY, self._healthy), settings.address, settings.port
+        )
         try:
-            await self.metrics.start(settings.address, settings.port)
+            await self.metrics.start()
         except OSError as exc:
             # Metrics are an aid: the relay keeps running without them, and says why.
             log.error(
@@ -260,6 +289,38 @@ class Operations:
             return
         self._metrics_at = (settings.address, settings.port)
         log.info("metrics on http://%s:%d/metrics", settings.address, settings.port)
+
+    # -- the web pages (relayd.web) ----------------------------------------------------------
+
+    async def _start_web(self) -> None:
+        settings = self.config.web
+        if settings is None:
+            return
+        from relayd.web.service import WebService
+
+        self.web = WebService(
+            config=self.config,
+            scheduler=self.scheduler,
+            credentials=self.credentials,
+            facts=self._account_facts,
+            registry=REGISTRY,
+            healthy=self._healthy,
+            released=lambda address: self.alerter.close(f"paused:{address}"),
+        )
+        try:
+            await self.web.start()
+        except (OSError, ssl.SSLError) as exc:
+            # Like metrics: mail keeps flowing without the pages, and the log says why.
+            log.error("web: cannot listen on %s:%d: %s", settings.address, settings.port, exc)
+            self.web = None
+
+    async def _account_facts(self) -> list[AccountStatus]:
+        """What ``relayd status`` shows, with this daemon's view of the accounts."""
+        from relayd.ops.status import gather
+
+        live = await self._status_command({})
+        report = await asyncio.to_thread(gather, self.config, live)
+        return report.accounts
 
     def _depths(self) -> list[Sample]:
         return [

@@ -16,10 +16,10 @@ from typing import Any
 from relayd import __version__
 from relayd.config.model import AccountConfig, Config, TenantConfig
 from relayd.core.health import AccountHealth, AccountState
+from relayd.core.hints import hint_for
 from relayd.core.queues import WAITING, Queue
 from relayd.core.routing import known_accounts
 from relayd.core.sentcopy import job_of
-from relayd.ops.hints import hint_for
 from relayd.ops.spoolview import spool_bytes
 from relayd.spool.accounts import AccountStore
 from relayd.spool.sealing import spool_key
@@ -32,7 +32,7 @@ __all__ = ["AccountStatus", "DomainRoute", "StatusReport", "gather", "render_tab
 class AccountStatus:
     address: str
     tenant: str
-    state: str  # ok | deferred | unhealthy | paused | needs consent
+    state: str  # ok | deferred | unhealthy | paused | needs consent | not connected
     why: str
     fix: str
     last_success_at: float | None
@@ -131,6 +131,19 @@ def _route_of(account: AccountConfig, config: Config) -> str:
     return ""
 
 
+def _not_connected(account: AccountConfig, config: Config) -> bool:
+    """``password: {connect: true}`` and no password given on the connect page yet."""
+    if not account.connect_password:
+        return False
+    from relayd.oauth.passwords import PasswordStore
+
+    return (
+        not PasswordStore(config.state_directory, key=config.tokens_key)
+        .path_for(account.address)
+        .exists()
+    )
+
+
 def _account_status(
     account: AccountConfig,
     config: Config,
@@ -140,7 +153,16 @@ def _account_status(
     copy_error: str,
 ) -> AccountStatus:
     state, why, fix = health.state.value, health.reason, ""
-    if _needs_consent(account, config, health):
+    if health.operator_paused:
+        fix = (
+            "release it on the web operator page, or "
+            f"`relayd queue release --account {account.address}`"
+        )
+    elif _not_connected(account, config):
+        state = "not connected"
+        why = "no app password given on the connect page yet"
+        fix = f"send the mailbox owner a link: `relayd connect {account.address}`"
+    elif _needs_consent(account, config, health):
         state = "needs consent"
         why = why or "no OAuth2 tokens stored for this account yet"
         fix = f"run `relayd auth {account.address}`"

@@ -1,5 +1,5 @@
 """The operator's queue commands (``relayd queue flush|hold|release|delete``, ``release
---account``), written once.
+--account``, and the web operator page's pause), written once.
 
 They run in the daemon, over the control socket, so its scheduler never finds its files
 moved behind its back; and on the spool directly while the daemon is stopped (every change is
@@ -26,6 +26,7 @@ __all__ = [
     "delete",
     "flush",
     "hold",
+    "pause_account",
     "release",
     "release_account",
 ]
@@ -205,3 +206,31 @@ def release_account(view: QueueView, book: HealthBook, address: str) -> Released
         view.moved(qid, Queue.INCOMING)
         moved += 1
     return Released(before, moved)
+
+
+@dataclass(frozen=True)
+class Paused:
+    before: AccountHealth
+    moved: int  # waiting messages put on hold
+
+
+def pause_account(view: QueueView, book: HealthBook, address: str, now: float) -> Paused:
+    """Hold an account's mail until ``release_account`` (the web operator page): it is still
+    accepted (SPEC: mail for a paused account is accepted and held), nothing is attempted,
+    and no probe or new credentials resume it. A message being delivered right now finishes
+    its attempt."""
+    address = address.lower()
+    before = book.get(address)
+    book.set(before.on_paused_by_operator(now))
+    moved = 0
+    for queue in (Queue.INCOMING, Queue.DEFERRED):
+        for qid in view.messages(queue, address):
+            if not view.withdraw(qid):
+                continue
+            try:
+                view.spool.move(qid, queue, Queue.HOLD)
+            except FileNotFoundError:
+                continue
+            view.moved(qid, Queue.HOLD)
+            moved += 1
+    return Paused(before, moved)

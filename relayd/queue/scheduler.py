@@ -373,7 +373,9 @@ class Scheduler:
             delay = min(delay, HEALTH_SAVE_SECONDS)
         # SPEC: a paused account is probed every retry.max, on time rather than at the
         # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
-        probes = [h.retry_at for h in self.book if h.paused and h.retry_at > now]
+        probes = [
+            h.retry_at for h in self.book if h.paused and not h.operator_paused and h.retry_at > now
+        ]
         if probes:
             delay = min(delay, min(probes) - now)
         return delay
@@ -411,7 +413,7 @@ class Scheduler:
 
     def _probe_paused(self, now: float) -> None:
         for health in self.book:
-            if not health.paused or now < health.retry_at:
+            if not health.paused or health.operator_paused or now < health.retry_at:
                 continue
             lane = self._lanes.of(health.address)
             account = lane.account

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from relayd.config.model import AccountConfig
 from relayd.core.sentcopy import Folder
 from relayd.sync import wire
-from relayd.sync.imap import DEFAULT_TIMEOUTS, ImapSession, ImapTimeouts, TokenSource
+from relayd.sync.imap import (
+    DEFAULT_TIMEOUTS,
+    ImapSession,
+    ImapTimeouts,
+    PasswordSource,
+    TokenSource,
+)
 from relayd.tasks import TaskSet
 
 __all__ = ["ImapConnections"]
@@ -66,10 +72,12 @@ class ImapConnections:
         self,
         *,
         token_source: TokenSource | None = None,
+        password_source: PasswordSource | None = None,
         timeouts: ImapTimeouts = DEFAULT_TIMEOUTS,
         idle_seconds: float = 30.0,
     ) -> None:
         self.token_source = token_source
+        self.password_source = password_source
         self.timeouts = timeouts
         self.idle_seconds = idle_seconds
         self.logins: Counter[str] = Counter()
@@ -86,7 +94,12 @@ class ImapConnections:
             if idle.key == key and idle.session.is_open:
                 return idle.session
             self._logout_later(idle.session)
-        session = ImapSession(account, token_source=self.token_source, timeouts=self.timeouts)
+        session = ImapSession(
+            account,
+            token_source=self.token_source,
+            password_source=self.password_source,
+            timeouts=self.timeouts,
+        )
         await session.open()
         self.logins[account.address] += 1
         log.debug(

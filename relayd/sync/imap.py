@@ -41,6 +41,7 @@ __all__ = [
     "ImapFailure",
     "ImapSession",
     "ImapTimeouts",
+    "PasswordSource",
     "TokenSource",
 ]
 
@@ -50,6 +51,9 @@ T = TypeVar("T")
 
 #: ``async def token_for(account) -> str``: an OAuth2 access token for the account.
 TokenSource = Callable[[AccountConfig], Awaitable[str]]
+#: ``async def password_for(account) -> str | None``: the app password its owner gave on the
+#: connect page (``password: {connect: true}``), None while none is stored.
+PasswordSource = Callable[[AccountConfig], Awaitable[str | None]]
 
 
 class ImapFailure(enum.Enum):
@@ -136,12 +140,14 @@ class ImapSession:
         account: AccountConfig,
         *,
         token_source: TokenSource | None = None,
+        password_source: PasswordSource | None = None,
         timeouts: ImapTimeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         assert account.imap is not None
         self.account = account
         self.server: ImapServer = account.imap
         self.token_source = token_source
+        self.password_source = password_source
         self.timeouts = timeouts
         self._client: Any = None
         self._lost: asyncio.Future[None] | None = None
@@ -247,9 +253,12 @@ class ImapSession:
         if secret is None and account.oauth is not None:
             await self._xoauth2(username)
             return
-        if secret is None:
+        if secret is not None:
+            password = secret.reveal()
+        elif account.connect_password:
+            password = await self._connected_password()
+        else:
             raise ImapError(ImapFailure.LOGIN_REFUSED, "no IMAP password configured")
-        password = secret.reveal()
         protocol = self._protocol
         plain_text_ok = username.isascii() and password.isascii()
         if plain_text_ok and "LOGINDISABLED" not in protocol.capabilities:
@@ -260,6 +269,20 @@ class ImapSession:
             # Non-ASCII credentials do not fit LOGIN's quoted strings; PLAIN is UTF-8.
             response = await self._authenticate("PLAIN", [wire.plain_response(username, password)])
         self._check_login(response, "LOGIN")
+
+    async def _connected_password(self) -> str:
+        found: str | None = None
+        if self.password_source is not None:
+            try:
+                found = await asyncio.wait_for(
+                    self.password_source(self.account), self.timeouts.command
+                )
+            except Exception as exc:
+                raise ImapError(ImapFailure.NO_TOKEN, f"no app password: {exc}") from None
+        if found is None:
+            # Like a missing OAuth consent: the copy waits until the owner connects.
+            raise ImapError(ImapFailure.NO_TOKEN, "no app password connected yet")
+        return found
 
     async def _xoauth2(self, username: str) -> None:
         if self.token_source is None:

@@ -16,6 +16,8 @@ from typing import Protocol
 from relayd.config.model import AccountConfig
 from relayd.core.outcome import Failure, FailureKind, Phase
 from relayd.log import redactor
+from relayd.oauth.passwords import ConnectedPasswords
+from relayd.oauth.sealed import SealedFilesError
 from relayd.oauth.tokens import AccessToken, ConsentRequired, TokenEndpointUnavailable, TokenSource
 from relayd.upstream.transport import AttemptError
 
@@ -40,7 +42,8 @@ class Credential:
 class CredentialSource(Protocol):
     async def obtain(self, account: AccountConfig) -> Credential:
         """The credential to log in with now; raises AttemptError(Phase.TOKEN, ...) when
-        none can be had (token endpoint down: Failure; grant refused: Reply)."""
+        none can be had (token endpoint down: a network Failure; no consent: a CONSENT
+        Failure)."""
         ...
 
     def rejected(self, account: AccountConfig, credential: Credential) -> None:
@@ -49,14 +52,20 @@ class CredentialSource(Protocol):
 
 
 class AccountCredentials:
-    """The daemon's ``CredentialSource``: the app password, else a token from the registry."""
+    """The daemon's ``CredentialSource``: the app password (configured, or given on the
+    connect page), else a token from the registry."""
 
-    def __init__(self, tokens: TokenSource | None = None) -> None:
+    def __init__(
+        self, tokens: TokenSource | None = None, passwords: ConnectedPasswords | None = None
+    ) -> None:
         self.tokens = tokens
+        self.passwords = passwords
 
     async def obtain(self, account: AccountConfig) -> Credential:
         if account.password is not None:
             return Credential(account.username, account.password.reveal(), Mechanism.PASSWORD)
+        if account.connect_password:
+            return Credential(account.username, await self._connected(account), Mechanism.PASSWORD)
         if account.oauth is None or self.tokens is None:
             raise AttemptError(
                 Phase.TOKEN,
@@ -77,6 +86,24 @@ class AccountCredentials:
         # The XOAUTH2 client response is base64 of the whole string, not of the token alone.
         redactor.add_secret(f"user={account.username}\x01auth=Bearer {token.value}\x01\x01")
         return Credential(account.username, token.value, Mechanism.XOAUTH2, token)
+
+    async def _connected(self, account: AccountConfig) -> str:
+        """The password the owner gave on the connect page. None yet is what a missing OAuth
+        consent is, and said by relayd, not by the mail server: a consent failure (held,
+        then paused), with no SMTP reply made up for it."""
+        fix = f"send the mailbox owner a link from `relayd connect {account.address}`"
+        try:
+            password = await self.passwords.password(account) if self.passwords else None
+        except SealedFilesError as exc:
+            raise AttemptError(
+                Phase.TOKEN, Failure(Phase.TOKEN, FailureKind.CONSENT, f"{exc}; {fix}")
+            ) from None
+        if password is None:
+            raise AttemptError(
+                Phase.TOKEN,
+                Failure(Phase.TOKEN, FailureKind.CONSENT, f"no app password connected yet; {fix}"),
+            )
+        return password
 
     def rejected(self, account: AccountConfig, credential: Credential) -> None:
         if credential.token is not None and self.tokens is not None:

@@ -6,6 +6,14 @@ Google's (``/token``, ``/authorize``) for google-auth and google-auth-oauthlib, 
 token introspection (``/introspect``) for Dovecot's oauth2 passdb. Tokens are random strings
 it remembers, so Dovecot's verdict on a token is the server's.
 
+The authorization endpoint signs the user in: for clients registered with ``consent_page``
+it shows a login/consent page (choose the identity, allow or deny) that a real browser fills
+in, otherwise it consents at once as ``consent_user`` or the login hint. Codes are bound to
+the client, the redirect URI and the PKCE challenge (RFC 7636 §4.6: a code issued with a
+challenge is redeemed only with its verifier); with ``openid`` in the scope the token
+endpoint adds an ID token with Microsoft's (``preferred_username``, ``tid``) or Google's
+(``email``, ``email_verified``) claims, as the path the browser came by says.
+
 Tests steer it: register clients, seed refresh tokens, revoke them (``invalid_grant``), make
 the token endpoint answer 503 or go down, hold refreshes until released, choose the size and
 lifetime of issued access tokens, approve a device code as the user would, and count requests
@@ -16,6 +24,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
+import html
 import json
 import secrets
 import socket
@@ -64,13 +75,28 @@ class _DeviceCode:
 
 
 @dataclass
+class _Code:
+    """An authorization code and what it was issued for."""
+
+    username: str
+    client_id: str
+    redirect_uri: str
+    challenge: str | None  # RFC 7636 code_challenge (S256)
+    nonce: str | None
+    scope: str
+    style: str  # "microsoft" or "google": which ID token claims
+
+
+@dataclass
 class _State:
     clients: dict[str, str | None] = field(default_factory=dict)  # id -> secret
+    consent_page: set[str] = field(default_factory=set)  # clients shown the login page
     app_domains: dict[str, str] = field(default_factory=dict)  # app client id -> domain
     access: dict[str, _Issued] = field(default_factory=dict)
     refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
     devices: dict[str, _DeviceCode] = field(default_factory=dict)  # device_code -> ...
-    codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # auth code -> (user, client)
+    codes: dict[str, _Code] = field(default_factory=dict)
+    code_refusals: Counter[str] = field(default_factory=Counter)  # why codes were refused
     counts: Counter[str] = field(default_factory=Counter)
     introspected: Counter[str] = field(default_factory=Counter)
 
@@ -97,6 +123,7 @@ class OAuthServer:
         self.token_lifetime = 3600  # seconds
         self.rotate_refresh_tokens = True  # Microsoft rotates on every use
         self.consent_user: str | None = None  # who signs in at /authorize
+        self._jwt_key = secrets.token_bytes(32)
         self._gate = threading.Event()
         self._gate.set()
         self.held = 0  # refresh requests waiting at the gate
@@ -147,9 +174,15 @@ class OAuthServer:
 
     # -- test controls --------------------------------------------------------------------
 
-    def add_client(self, client_id: str, secret: str | None = None) -> None:
+    def add_client(
+        self, client_id: str, secret: str | None = None, *, consent_page: bool = False
+    ) -> None:
+        """``consent_page``: /authorize shows the login/consent page to this client's users
+        (and requires PKCE); else it consents at once."""
         with self._lock:
             self.state.clients[client_id] = secret
+            if consent_page:
+                self.state.consent_page.add(client_id)
 
     def add_app(self, client_id: str, secret: str, domain: str) -> None:
         """An app-only registration whose tokens may send as any mailbox of ``domain``."""
@@ -271,10 +304,7 @@ class OAuthServer:
             del self.state.devices[form["device_code"]]
             return 200, self._answer(device.username, client_id, True)
         if grant_type == "authorization_code":
-            found = self.state.codes.pop(form.get("code", ""), None)
-            if found is None or found[1] != client_id:
-                return 400, {"error": "invalid_grant"}
-            return 200, self._answer(found[0], client_id, True)
+            return self._redeem(form, client_id)
         if grant_type == JWT_GRANT:
             claims = _jwt_claims(form.get("assertion", ""))
             subject = claims.get("sub")
@@ -302,14 +332,111 @@ class OAuthServer:
             "message": f"To sign in, open {self.url}/devicelogin and enter {user_code}.",
         }
 
-    def authorize(self, query: dict[str, str]) -> str:
-        """Auto-consent as ``consent_user`` (or the login hint): the redirect URL."""
-        user = self.consent_user or query.get("login_hint", "")
+    def _redeem(self, form: dict[str, str], client_id: str) -> tuple[int, Any]:
+        """RFC 6749 §4.1.3 with RFC 7636 §4.6; a code is gone after one try, good or bad."""
+        code = self.state.codes.pop(form.get("code", ""), None)
+        refusal = None
+        if code is None or code.client_id != client_id:
+            refusal = "unknown code"
+        elif form.get("redirect_uri", code.redirect_uri) != code.redirect_uri:
+            refusal = "redirect_uri mismatch"
+        elif code.challenge is not None:
+            verifier = form.get("code_verifier")
+            if not verifier:
+                refusal = "code_verifier missing"
+            elif not hmac.compare_digest(_s256(verifier), code.challenge):
+                refusal = "code_verifier wrong"
+        if refusal is not None or code is None:
+            self.state.code_refusals[refusal or "unknown code"] += 1
+            return 400, {"error": "invalid_grant", "error_description": f"PKCE/code: {refusal}"}
+        answer = self._answer(code.username, client_id, True)
+        if "openid" in code.scope.split():
+            answer["id_token"] = self._id_token(code)
+        return 200, answer
+
+    def _id_token(self, code: _Code) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": f"{self.url}/v2.0" if code.style == "microsoft" else self.url,
+            "sub": hashlib.sha256(code.username.encode()).hexdigest()[:24],
+            "aud": code.client_id,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+        }
+        if code.nonce:
+            claims["nonce"] = code.nonce
+        if code.style == "microsoft":
+            claims.update(preferred_username=code.username, tid="contoso", name=code.username)
+        else:
+            claims.update(email=code.username, email_verified=True)
+        header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        payload = _b64url(json.dumps(claims).encode())
+        signature = hmac.new(self._jwt_key, f"{header}.{payload}".encode(), "sha256").digest()
+        return f"{header}.{payload}.{_b64url(signature)}"
+
+    def _issue_code(self, user: str, query: dict[str, str], style: str) -> str:
         code = secrets.token_urlsafe(16)
         with self._lock:
-            self.state.codes[code] = (user.lower(), query.get("client_id", ""))
+            self.state.codes[code] = _Code(
+                username=user.lower(),
+                client_id=query.get("client_id", ""),
+                redirect_uri=query.get("redirect_uri", ""),
+                challenge=query.get("code_challenge")
+                if query.get("code_challenge_method") == "S256"
+                else None,
+                nonce=query.get("nonce"),
+                scope=query.get("scope", ""),
+                style=style,
+            )
+        return code
+
+    def authorize(self, query: dict[str, str], style: str = "google") -> str:
+        """Auto-consent as ``consent_user`` (or the login hint): the redirect URL."""
+        user = self.consent_user or query.get("login_hint", "")
+        code = self._issue_code(user, query, style)
         answer = {"code": code, "state": query.get("state", "")}
         return query["redirect_uri"] + "?" + urlencode(answer)
+
+    def shows_consent_page(self, query: dict[str, str]) -> bool:
+        with self._lock:
+            return query.get("client_id", "") in self.state.consent_page
+
+    def consent_page(self, query: dict[str, str]) -> tuple[int, str]:
+        """The login/consent page: who signs in, and allow or deny. Refuses an unknown
+        client and, for these clients, a request without PKCE (RFC 9700 §2.1.1)."""
+        with self._lock:
+            known = query.get("client_id", "") in self.state.clients
+        if not known or "redirect_uri" not in query:
+            return 400, "<p>unknown client or no redirect_uri</p>"
+        if query.get("code_challenge_method") != "S256" or not query.get("code_challenge"):
+            return 400, "<p>PKCE (S256) is required</p>"
+        hidden = "".join(
+            f'<input type=hidden name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in query.items()
+            if k != "login_hint"
+        )
+        hint = html.escape(query.get("login_hint", ""))
+        scopes = "".join(f"<li>{html.escape(s)}</li>" for s in query.get("scope", "").split())
+        return 200, (
+            "<!doctype html><html><head><meta charset=utf-8><title>Sign in</title></head>"
+            "<body><h1>Sign in to the test identity provider</h1>"
+            f"<p>relayd asks for:</p><ul>{scopes}</ul>"
+            f"<form method=post>{hidden}<p><label>Account <input id=username name=username "
+            f'value="{hint}"></label></p>'
+            "<p><button id=allow name=decision value=allow>Allow</button> "
+            "<button id=deny name=decision value=deny>Deny</button></p></form></body></html>"
+        )
+
+    def consent_answer(self, form: dict[str, str], style: str) -> str:
+        """The user's choice on the consent page → the redirect back (RFC 6749 §4.1.2)."""
+        redirect = form["redirect_uri"]
+        if form.get("decision") != "allow":
+            answer = {"error": "access_denied", "state": form.get("state", "")}
+        else:
+            code = self._issue_code(form.get("username", ""), form, style)
+            answer = {"code": code, "state": form.get("state", "")}
+        return redirect + ("&" if "?" in redirect else "?") + urlencode(answer)
 
     def introspect(self, token: str) -> dict[str, Any]:
         # Dovecot 2.3 needs the username attribute present to report a plain authentication
@@ -361,6 +488,14 @@ class OAuthServer:
             f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {p}\n}}\n"
             for p in (user_conf, app_conf)
         )
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _s256(verifier: str) -> str:
+    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
 
 
 def _jwt_claims(assertion: str) -> dict[str, Any]:
@@ -439,12 +574,28 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[-3:] == ["v2.0", ".well-known", "openid-configuration"] and len(parts) == 4:
             self._send(200, oauth.openid_configuration(parts[0]))
         elif parts and parts[-1] == "authorize":
-            self.send_response(302)
-            self.send_header("Location", oauth.authorize(query))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            style = "microsoft" if parts[-3:] == ["oauth2", "v2.0", "authorize"] else "google"
+            if oauth.shows_consent_page(query):
+                self._page(*oauth.consent_page(query))
+                return
+            self._redirect(oauth.authorize(query, style))
         else:
             self._send(404, {"error": "not_found"})
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _page(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
 
     def do_POST(self) -> None:
         oauth = self.server.oauth
@@ -452,6 +603,13 @@ class _Handler(BaseHTTPRequestHandler):
         form = self._form()
         if parts == ["introspect"]:
             self._send(200, oauth.introspect(form.get("token", "")))
+        elif parts and parts[-1] == "authorize" and "redirect_uri" in form:
+            style = "microsoft" if parts[-3:] == ["oauth2", "v2.0", "authorize"] else "google"
+            # 303: the browser follows the POST's answer with a GET (RFC 9110 §15.4.4).
+            self.send_response(303)
+            self.send_header("Location", oauth.consent_answer(form, style))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif parts == ["token"] or parts[-3:] == ["oauth2", "v2.0", "token"]:
             status, doc = oauth.token_request(form, self._basic())
             # Like Microsoft's endpoint, a 5xx says when to come back (msal obeys Retry-After

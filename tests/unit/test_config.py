@@ -146,7 +146,7 @@ tenants:
             "lsten: []\n",
             "lsten: line 1: unknown key; allowed keys: state_directory, helo_name, log_level, "
             "listen, accept_processes, clients, rewrite_senders, spool, tokens, tenants, "
-            "alerts, metrics, client_connections, stop_timeout",
+            "alerts, metrics, client_connections, stop_timeout, web",
         ),
         (
             "listen:\n  - address: 127.0.0.1:2525\n    tsl: none\n",
@@ -1377,6 +1377,140 @@ metrics: {address: "[::1]:9425"}
     ) == ["alerts.via: line 8: nobody@example.com is not an account (or alias) of any tenant"]
 
 
+# -- web: the connect and operator pages ------------------------------------------------------
+
+ADMIN_HASH = hash_password("admin-secret")
+CONNECT_ACCOUNT = """
+tenants:
+  t:
+    provider: gmail
+    accounts:
+      - address: a@example.com
+        password: {connect: true}
+"""
+
+
+def test_web_listener(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        f"""
+        web:
+          address: 127.0.0.1:8425
+          public_url: https://relay.example/relayd/
+          admins: {{ops: "{ADMIN_HASH}"}}
+        """,
+    )
+    web = config.web
+    assert web is not None
+    assert (web.address, web.port, web.public_url) == (
+        "127.0.0.1",
+        8425,
+        "https://relay.example/relayd",
+    )
+    assert web.admins == {"ops": ADMIN_HASH}
+    assert not web.tls and web.where == "web: line 1"
+    assert load(tmp_path, "log_level: info\n").web is None
+
+
+def test_web_defaults_and_https(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    plain = load(tmp_path, "web: {address: '[::1]:8425'}\n").web
+    assert plain is not None and plain.public_url == "http://[::1]:8425"
+    assert plain.admins == {}
+    tls = load(
+        tmp_path,
+        """
+        web:
+          address: 0.0.0.0:8443
+          certificate: tls/cert.pem
+          private_key: tls/key.pem
+        """,
+    ).web
+    assert tls is not None and tls.tls
+    assert tls.certificate == tmp_path / "tls/cert.pem"
+    assert tls.public_url == "https://0.0.0.0:8443"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "web: {address: 0.0.0.0:8425}\n",
+            "web.address: line 1: 0.0.0.0:8425 is reachable beyond loopback: the web pages "
+            "carry app passwords and admin credentials, so serve them with certificate and "
+            "private_key (HTTPS), or listen on loopback behind a reverse proxy or an SSH tunnel",
+        ),
+        ("web: {public_url: https://r.example}\n", "web.address: line 1: missing; expected"),
+        (
+            "web: {address: 127.0.0.1:8425, public_url: http://relay.example}\n",
+            "web.public_url: line 1: expected an https URL like https://relay.example, got "
+            '"http://relay.example": use https',
+        ),
+        (
+            "web: {address: 127.0.0.1:8425, public_url: 'https://r.example/?a=1'}\n",
+            "no query or fragment",
+        ),
+        (
+            "web: {address: 127.0.0.1:8425, certificate: cert.pem}\n",
+            "web: line 1: certificate and private_key go together",
+        ),
+        (
+            "web:\n  address: 127.0.0.1:8425\n  admins: {ops: plain-text}\n",
+            "web.admins.ops: line 3: not a hash made by `relayd hash-password`",
+        ),
+        (
+            f'web:\n  address: 127.0.0.1:8425\n  admins: {{"a:b": "{ADMIN_HASH}"}}\n',
+            'web.admins."a:b": line 3: an admin name has no spaces or colons',
+        ),
+        (
+            "web: {address: 127.0.0.1:8425, port: 1}\n",
+            "web.port: line 1: unknown key; allowed keys: address, public_url, admins, "
+            "certificate, private_key",
+        ),
+    ],
+)
+def test_web_problems(tmp_path: Path, text: str, expected: str) -> None:
+    found = problems(tmp_path, text)
+    assert any(p.startswith(expected) or expected in p for p in found), found
+
+
+def test_password_given_on_the_connect_page(tmp_path: Path) -> None:
+    config = load(tmp_path, "web: {address: 127.0.0.1:8425}\n" + CONNECT_ACCOUNT)
+    (account,) = config.accounts()
+    assert account.connect_password and account.password is None and account.oauth is None
+    (plain,) = load(tmp_path, ACCOUNT).accounts()
+    assert not plain.connect_password
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            CONNECT_ACCOUNT,
+            "tenants.t.accounts[0].password: line 6: password: {connect: true} needs the web "
+            "listener, where the mailbox owner gives the password: add web: "
+            "{address: ..., public_url: ...}",
+        ),
+        (
+            "web: {address: 127.0.0.1:8425}\n" + CONNECT_ACCOUNT.replace("true", "false"),
+            "tenants.t.accounts[0].password.connect: line 8: connect: false means no "
+            "password; write a secret value instead",
+        ),
+        (
+            "web: {address: 127.0.0.1:8425}\n" + CONNECT_ACCOUNT.replace("true", "maybe"),
+            'tenants.t.accounts[0].password.connect: line 8: expected true or false, got "maybe"',
+        ),
+        (
+            "web: {address: 127.0.0.1:8425}\n"
+            + CONNECT_ACCOUNT.replace("connect: true", "connect: true, env: PW"),
+            "tenants.t.accounts[0].password.env: line 8: unknown key; allowed keys: connect",
+        ),
+    ],
+)
+def test_password_connect_problems(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in problems(tmp_path, text)
+
+
 def test_yaml_merge_keys(tmp_path: Path) -> None:
     config = load(
         tmp_path,
@@ -1443,6 +1577,7 @@ def test_example_config_loads_cleanly() -> None:
         "alice@acme.example",
         "scanner@acme.example",
         "owner@gmail.example",
+        "frontdesk@gmail.example",
         "info@host.example",
         "ops@host.example",
     ]
@@ -1452,6 +1587,10 @@ def test_example_config_loads_cleanly() -> None:
     assert config.tenants[2].domain_account is not None
     assert config.alerts is not None and config.metrics is not None
     assert config.tokens_key is not None
+    assert config.web is not None and config.web.public_url == "https://relay.acme.example"
+    assert [a.address for a in config.accounts() if a.connect_password] == [
+        "frontdesk@gmail.example"
+    ]
 
 
 def test_example_config_needs_its_secrets() -> None:
@@ -1485,7 +1624,7 @@ def test_local_config_loads_cleanly() -> None:
 def test_cli_check_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["-c", str(EXAMPLE), "check-config"]) == 0
     out, err = capsys.readouterr()
-    assert (out, err) == ("config OK: 5 tenants, 5 accounts, 3 listeners\n", "")
+    assert (out, err) == ("config OK: 5 tenants, 6 accounts, 3 listeners\n", "")
     assert cli.main(["check-config", "-c", str(LOCAL)]) == 0
     assert capsys.readouterr().out == "config OK: 1 tenants, 0 accounts, 1 listeners\n"
 

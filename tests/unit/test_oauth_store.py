@@ -119,3 +119,57 @@ def test_snapshot_changes_when_a_file_is_replaced(tmp_path: Path) -> None:
 
 def test_consent_ids_differ() -> None:
     assert new_consent_id() != new_consent_id()
+
+
+# -- app passwords given on the connect page: sealed the same way ------------------------------
+
+
+def test_connected_password_is_sealed_and_bound_to_its_kind(tmp_path: Path) -> None:
+    from relayd.oauth.passwords import ConnectedPassword, PasswordStore
+
+    passwords = PasswordStore(tmp_path, fsync=False)
+    saved = ConnectedPassword("alice@example.com", "app-pass-never-in-clear")
+    passwords.save(saved)
+    assert passwords.load("ALICE@example.com") == saved
+    blob = passwords.path_for(saved.address).read_bytes()
+    assert b"app-pass-never-in-clear" not in blob
+    assert base64.b64encode(b"app-pass-never-in-clear") not in blob
+    assert passwords.path_for(saved.address).stat().st_mode & 0o777 == 0o600
+    assert "app-pass" not in repr(saved)
+    # One key for both kinds (the token key), but a password file is no token file.
+    tokens = TokenStore(tmp_path, fsync=False)
+    assert passwords.key_file == tokens.key_file
+    tokens.directory.mkdir(mode=0o700)
+    os.link(passwords.path_for(saved.address), tokens.path_for(saved.address))
+    with pytest.raises(TokenStoreError, match="not a relayd token file"):
+        tokens.load(saved.address)
+    assert passwords.remove(saved.address) and passwords.load(saved.address) is None
+    assert not passwords.remove(saved.address)
+
+
+async def test_a_connect_account_without_a_password_is_refused_like_no_consent(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace
+
+    from factories import make_account
+
+    from relayd.core.outcome import Failure, FailureKind
+    from relayd.oauth.passwords import ConnectedPassword, ConnectedPasswords, PasswordStore
+    from relayd.upstream.credentials import AccountCredentials, Mechanism
+    from relayd.upstream.transport import AttemptError
+
+    account = replace(make_account("bob@example.com", password=None), connect_password=True)
+    store = PasswordStore(tmp_path, fsync=False)
+    credentials = AccountCredentials(None, ConnectedPasswords(store))
+    with pytest.raises(AttemptError) as info:
+        await credentials.obtain(account)
+    # Said by relayd, not the mail server: a consent failure (held), no made-up 535.
+    outcome = info.value.outcome
+    assert isinstance(outcome, Failure) and outcome.kind is FailureKind.CONSENT
+    assert "relayd connect bob@example.com" in outcome.detail
+    before = ConnectedPasswords(store).consent_id(account)
+    store.save(ConnectedPassword(account.address, "given-on-the-page"))
+    got = await credentials.obtain(account)
+    assert (got.secret, got.mechanism) == ("given-on-the-page", Mechanism.PASSWORD)
+    assert ConnectedPasswords(store).consent_id(account) not in ("", before)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from factories import make_account, make_config
 
+from relayd.core.hints import hint_for
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
 from relayd.inbound.maildrop import Drop, encode_drop, parse_drop
 from relayd.metrics import Registry
 from relayd.ops.alerts import Alert, IncidentBook
-from relayd.ops.hints import hint_for
 from relayd.ops.service import OperatorEvents
 
 
@@ -50,11 +50,21 @@ def test_metrics_text_format() -> None:
     histogram.observe(100)
     registry.gauge("depth", "Depth", lambda: [({"queue": "hold"}, 3.0)])
     text = registry.render()
-    assert '# TYPE x_total counter\nx_total{account="a\\"b",status="ok"} 3\n' in text
-    assert 'lat_seconds_bucket{le="0.5"} 1\n' in text
-    assert 'lat_seconds_bucket{le="300"} 2\n' in text
-    assert 'lat_seconds_bucket{le="+Inf"} 2\nlat_seconds_sum 100.2\nlat_seconds_count 2\n' in text
-    assert '# TYPE depth gauge\ndepth{queue="hold"} 3\n' in text
+    assert '# TYPE x_total counter\nx_total{account="a\\"b",status="ok"} 3.0\n' in text
+    assert counter.value(account='a"b', status="ok") == 3
+    assert 'lat_seconds_bucket{le="0.5"} 1.0\n' in text
+    assert 'lat_seconds_bucket{le="300.0"} 2.0\n' in text
+    assert 'lat_seconds_bucket{le="+Inf"} 2.0\nlat_seconds_count 2.0\n' in text
+    assert "lat_seconds_sum 100.2\n" in text
+    assert '# TYPE depth gauge\ndepth{queue="hold"} 3.0\n' in text
+
+
+def test_a_gauge_that_cannot_be_computed_leaves_the_scrape_intact() -> None:
+    registry = Registry()
+    registry.gauge("broken", "Broken", lambda: [({"a": "b"}, 1 / 0)])
+    registry.gauge("fine", "Fine", lambda: [({}, 1.0)])
+    text = registry.render()
+    assert "# TYPE broken gauge\n" in text and "fine 1.0\n" in text
 
 
 def test_incident_book_once_per_incident_and_cool_down(tmp_path: Path) -> None:

@@ -153,3 +153,54 @@ async def test_commands_on_a_stopped_and_on_a_running_queue(spool: Spool, tmp_pa
         finally:
             if scheduler is not None:
                 await scheduler.stop(timeout=0.1)
+
+
+async def test_pause_by_the_operator_holds_until_released(spool: Spool, tmp_path: Path) -> None:
+    """The web operator page's pause: on a stopped and on a running queue alike, waiting
+    mail goes on hold, nothing is attempted, new credentials do not resume it."""
+    for name in ("stopped", "running"):
+        root = tmp_path / name
+        one = Spool(root, fsync=False)
+        one.prepare()
+        waiting = [await spooled(one, Queue.DEFERRED), await spooled(one, Queue.INCOMING)]
+        bobs = await spooled(one, Queue.DEFERRED, sender=BOB)
+        store = AccountStore(root, fsync=False)
+        store.prepare()
+        scheduler: Scheduler | None = None
+        view: QueueView
+        deliverer = NeverDelivers()
+        if name == "stopped":
+            book = HealthBook(store)
+            book.load()
+            view = StoppedQueue(one)
+        else:
+            scheduler = Scheduler(
+                config=config(), spool=one, accounts=store, deliverer=deliverer, inlet=Inlet()
+            )
+            # Paused before the scheduler takes its spool in: nothing of Alice's is attempted.
+            book = HealthBook(store)
+            commands.pause_account(StoppedQueue(one), book, ALICE, now=1000.0)
+            scheduler.start()
+            await asyncio.sleep(0.05)
+            view, book = scheduler, scheduler.book
+        try:
+            paused = commands.pause_account(view, book, ALICE, now=1000.0)
+            health = book.get(ALICE)
+            assert health.paused and health.operator_paused
+            assert health.reason == "paused by the operator"
+            assert [one.locate(q) for q in waiting] == [Queue.HOLD, Queue.HOLD]
+            assert one.locate(bobs) is not Queue.HOLD
+            assert paused.moved == (2 if name == "stopped" else 0)
+            # A changed password is no reason to resume what the operator paused.
+            assert health.on_credentials_changed("new").paused
+            if scheduler is not None:
+                scheduler.credentials_changed()
+                assert scheduler.health(ALICE).paused
+                assert deliverer.attempts == 0
+            released = commands.release_account(view, book, ALICE)
+            assert released.before.operator_paused and not book.get(ALICE).paused
+            assert not book.get(ALICE).operator_paused
+            assert released.moved == 2
+        finally:
+            if scheduler is not None:
+                await scheduler.stop(timeout=0.1)

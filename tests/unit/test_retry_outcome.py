@@ -262,7 +262,7 @@ def test_classify_failure_holds_unusable_credentials(phase: Phase, kind: Failure
     assert failure.enhanced.startswith("4.")  # held, not bounced: never a 5xx DSN code
     if kind is FailureKind.CONSENT:
         # Not "535 ...": no mail server said anything (relayd or the token endpoint did).
-        assert str(failure) == "no OAuth2 consent: detail"
+        assert str(failure) == "no consent from the mailbox owner: detail"
 
 
 @pytest.mark.parametrize(

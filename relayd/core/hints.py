@@ -1,8 +1,8 @@
 """Human hints for the provider replies worth explaining (as Microsoft and Google document
 them): pure text.
 
-Used by ``relayd test`` and ``relayd status`` so that "535 5.7.139" comes with what to do
-about it, not just the code.
+Used by ``relayd test``, ``relayd status`` and the web connect page so that "535 5.7.139"
+comes with what to do about it, not just the code.
 """
 
 from __future__ import annotations
