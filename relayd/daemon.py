@@ -307,36 +307,36 @@ class Daemon:
                 log.exception("cannot look at the token store; trying again")
             await asyncio.sleep(TOKEN_STORE_POLL_SECONDS)
 
-    async def reload(self) -> bool:
-        """SIGHUP: a broken config is refused and the old one keeps serving (SPEC); True if
-        the new one is in force."""
+    async def reload(self) -> list[str] | None:
+        """SIGHUP: a broken config is refused and the old one keeps serving (SPEC). Returns
+        None when refused, else what of the new config waits for the next start (each also
+        logged), for `relayd reload` to print."""
         try:
             config = await asyncio.to_thread(load_config, self.config.source)
         except ConfigError as exc:
             log.error("reload refused, old config still serving:\n%s", exc)
-            return False
+            return None
         if config.state_directory != self.config.state_directory:
             log.error("reload refused: state_directory cannot change while running")
-            return False
+            return None
+        restart_needed: list[str] = []
         if config.accept_processes != self.config.accept_processes:
-            log.warning("accept_processes changed: takes effect at the next start")
+            restart_needed.append("accept_processes changed: takes effect at the next start")
         if (config.spool.encrypt_at_rest, config.spool.key) != (
             self.config.spool.encrypt_at_rest,
             self.config.spool.key,
         ):
             # Every process must seal and open with the same key: all change together.
-            log.warning(
+            restart_needed.append(
                 "spool.encrypt_at_rest or spool.key changed: takes effect at the next start"
             )
         try:
-            notes = Listeners.check_reload(self._bound, config)
+            restart_needed.extend(Listeners.check_reload(self._bound, config))
             if self._listeners is not None:
                 self._listeners.reload(config)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("reload refused, old config still serving: listener TLS: %s", exc)
-            return False
-        for note in notes:
-            log.warning("%s", note)
+            return None
         redactor.set_secrets(config.secret_values())
         if config.tokens_key != self.config.tokens_key:
             self.token_store = TokenStore(
@@ -351,11 +351,13 @@ class Daemon:
         self.alerter.config = config
         self.scheduler.set_config(config)
         self.filing.set_config(config)
-        self.ops.reloaded(config)
+        restart_needed.extend(self.ops.reloaded(config))
         if self.workers is not None:
             self.workers.reload()  # each re-reads the file the main process just accepted
+        for note in restart_needed:
+            log.warning("%s", note)
         log.info("configuration reloaded from %s", config.source)
-        return True
+        return restart_needed
 
     async def _imap_token(self, account: AccountConfig) -> str:
         return (await self.tokens.access_token(account)).value

@@ -30,6 +30,7 @@ from relayd.config.model import (
 from relayd.config.secrets import read_secret
 from relayd.config.tenants import read_tenants
 from relayd.config.values import (
+    helo_name_problem,
     parse_address,
     parse_host,
     parse_host_port,
@@ -143,6 +144,7 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
     listeners = read_listeners(rd, f["listen"], clients)
     web = read_web(rd, f["web"])
     tenants = read_tenants(rd, f["tenants"], state, web_configured=web is not None)
+    _check_helo_name(rd, f["helo_name"], helo, tenants)
     tokens = rd.mapping(f["tokens"], ("key",))
     return Config(
         source=path,
@@ -273,6 +275,26 @@ def _owned(tenants: tuple[TenantConfig, ...], address: str) -> bool:
         if tenant.domain_account and any(p.matches(address) for p in tenant.domains):
             return True
     return False
+
+
+def _check_helo_name(
+    rd: NodeReader, item: Item, helo: str, tenants: tuple[TenantConfig, ...]
+) -> None:
+    """Warn about an EHLO name providers may refuse, unless no mail leaves the host (every
+    tenant captures, as the demo does)."""
+    if all(t.provider == "capture" for t in tenants):
+        return
+    problem = helo_name_problem(helo)
+    if problem is None:
+        return
+    fix = "set helo_name to this host's public name (a name that resolves to it)"
+    if item.present:
+        rd.warn(item.path, item.line, f"{helo!r} is {problem}; {fix}")
+    else:
+        rd.warnings.append(
+            f"helo_name: not set, and this host's name {helo!r} is {problem}: providers may "
+            f"refuse it in EHLO; {fix}"
+        )
 
 
 def _alerts(rd: NodeReader, item: Item, tenants: tuple[TenantConfig, ...]) -> AlertsConfig | None:

@@ -17,6 +17,7 @@ from relayd.config.model import AddressPattern, IPNetwork
 
 __all__ = [
     "ListenAddress",
+    "helo_name_problem",
     "is_loopback_host",
     "parse_address",
     "parse_domain_pattern",
@@ -106,6 +107,26 @@ def parse_host(text: str) -> str:
     if not _HOSTNAME.fullmatch(bare):
         raise ValueError("not a host name or IP address")
     return bare.lower()
+
+
+def helo_name_problem(name: str) -> str | None:
+    """What makes ``name`` a poor EHLO name for mail that leaves the host, or None.
+
+    RFC 5321 §4.1.1.1 asks for the client's fully qualified domain name (or an address
+    literal); "localhost" and single-label names are what a host without a configured name
+    reports, and receiving servers may refuse them (Postfix's reject_non_fqdn_helo_hostname)
+    or count them against the mail."""
+    bare = name.lower().rstrip(".")
+    if bare == "localhost" or bare.startswith("localhost.") or bare.endswith(".localdomain"):
+        return "a loopback name"
+    try:
+        ipaddress.ip_address(bare)
+        return "an IP address, not a name"
+    except ValueError:
+        pass
+    if "." not in bare:
+        return "not a fully qualified domain name"
+    return None
 
 
 def is_loopback_host(host: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import ssl
 import sys
@@ -54,21 +55,44 @@ class Probe:
 
 
 class Report:
-    def __init__(self) -> None:
+    """The steps as they happen: printed one per line, or (``--json``) kept and printed as
+    one document at the end, for scripts and for the web page's "test & connect"."""
+
+    def __init__(self, *, as_json: bool = False) -> None:
         self.failed = False
+        self.as_json = as_json
+        self.steps: list[dict[str, str | bool]] = []
+        self.notes: list[str] = []
 
     def line(self, text: str) -> None:
-        print(text, flush=True)
+        if self.as_json:
+            self.notes.append(text.strip())
+        else:
+            print(text, flush=True)
 
     def ok(self, step: str, text: str) -> None:
-        self.line(f"  [ok]   {step:<6} {text}")
+        self.steps.append({"step": step, "ok": True, "detail": text})
+        if not self.as_json:
+            print(f"  [ok]   {step:<6} {text}", flush=True)
 
     def fail(self, step: str, text: str) -> None:
         self.failed = True
-        self.line(f"  [FAIL] {step:<6} {text}")
-        hint = hint_for(text)
-        if hint:
-            self.line(f"         hint: {hint}")
+        hint = hint_for(text) or ""
+        self.steps.append({"step": step, "ok": False, "detail": text, "hint": hint})
+        if not self.as_json:
+            print(f"  [FAIL] {step:<6} {text}", flush=True)
+            if hint:
+                print(f"         hint: {hint}", flush=True)
+
+    def document(self, account: AccountConfig) -> dict[str, Any]:
+        return {
+            "account": account.address,
+            "tenant": account.tenant,
+            "provider": account.provider,
+            "ok": not self.failed,
+            "steps": self.steps,
+            "notes": self.notes,
+        }
 
 
 def _subject(cert: dict[str, Any] | None) -> str:
@@ -257,12 +281,23 @@ async def _imap(config: Config, account: AccountConfig, report: Report) -> None:
         await session.logout()
 
 
-async def run_checkup(config: Config, address: str, send_to: str | None) -> int:
-    report = Report()
+async def run_checkup(
+    config: Config, address: str, send_to: str | None, *, as_json: bool = False
+) -> int:
+    report = Report(as_json=as_json)
     account = find_account(config, address)
     if account is None:
         print(f"error: {address} is not an account (or alias) in {config.source}", file=sys.stderr)
         return 1
+    code = await _checkup(config, account, send_to, report)
+    if as_json:
+        print(json.dumps(report.document(account), indent=2))
+    return code
+
+
+async def _checkup(
+    config: Config, account: AccountConfig, send_to: str | None, report: Report
+) -> int:
     report.line(
         f"account {account.address} (tenant {account.tenant}, provider "
         f"{account.provider}); login {account.username}, {_credential_text(account)}"
@@ -298,6 +333,7 @@ async def run_checkup(config: Config, address: str, send_to: str | None) -> int:
 def add_test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("address", help="the account (or alias) to test")
     parser.add_argument("--send-to", metavar="ADDR", help="also send a real test message")
+    parser.add_argument("--json", action="store_true", help="print the steps as one JSON document")
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -310,4 +346,4 @@ def cmd_test(args: argparse.Namespace) -> int:
     # Library warnings go to stderr through the same redaction as the daemon's log.
     configure_logging("warning")
     redactor.set_secrets(config.secret_values())
-    return asyncio.run(run_checkup(config, args.address, args.send_to))
+    return asyncio.run(run_checkup(config, args.address, args.send_to, as_json=args.json))

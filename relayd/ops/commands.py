@@ -113,7 +113,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE  # the daemon would refuse it too; say so before asking
     try:
-        _ask(config, "reload")
+        answer = _ask(config, "reload")
     except DaemonNotRunning:
         print("error: relayd is not running", file=sys.stderr)
         return EXIT_FAILED
@@ -123,6 +123,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(f"relayd reloaded {config.source}")
+    for note in (answer or {}).get("restart_needed", []):
+        print(f"needs a restart: {note}")
     return EXIT_OK
 
 

@@ -128,7 +128,7 @@ class Operations:
         scheduler: Scheduler,
         handler: InboundHandler,
         alerter: Alerter,
-        reload: Callable[[], Awaitable[bool]],
+        reload: Callable[[], Awaitable[list[str] | None]],
         credentials: CredentialSource,
     ) -> None:
         """``reload``: the daemon's reload; True if the new configuration is in force.
@@ -189,16 +189,19 @@ class Operations:
             await self.web.close()
         await self.alerter.drain(timeout=max(0.1, deadline - loop.time()))
 
-    def reloaded(self, config: Config) -> None:
+    def reloaded(self, config: Config) -> list[str]:
+        """The new config in force; returned: what of it waits for the next start."""
         self.config = config
+        notes: list[str] = []
         old = self.metrics_address
         new = (config.metrics.address, config.metrics.port) if config.metrics else None
         if old != new:
-            log.warning("metrics.address changed: takes effect at the next start")
+            notes.append("metrics.address changed: takes effect at the next start")
         if self.web is not None:
-            self.web.reloaded(config)
+            notes.extend(self.web.reloaded(config))
         elif config.web is not None:
-            log.warning("web added to the config: takes effect at the next start")
+            notes.append("web added to the config: the pages open at the next start")
+        return notes
 
     # -- housekeeping: STATUS= and reminders -----------------------------------------------
 
@@ -377,9 +380,10 @@ class Operations:
         except ConfigError as exc:
             log.error("reload refused, old config still serving:\n%s", exc)
             raise ControlError(f"reload refused, old config still serving:\n{exc}") from None
-        if not await self.reload():
+        restart_needed = await self.reload()
+        if restart_needed is None:
             raise ControlError("reload refused, old config still serving (see the daemon's log)")
-        return {"config": str(self.config.source)}
+        return {"config": str(self.config.source), "restart_needed": restart_needed}
 
     async def _flush(self, args: dict[str, Any]) -> Any:
         queue_id, account = args.get("id"), args.get("account")

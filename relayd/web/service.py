@@ -126,12 +126,12 @@ class WebService:
             settings.public_url,
         )
 
-    def reloaded(self, config: Config) -> None:
+    def reloaded(self, config: Config) -> list[str]:
         """Links, admins and accounts follow the new config at once; the address and
-        certificate take effect at the next start."""
+        certificate take effect at the next start (returned: what waits for it)."""
         if config.web is None:
-            log.warning("web removed from the config: takes effect at the next start")
-            return
+            return ["web removed from the config: the pages close at the next start"]
+        notes: list[str] = []
         new, old = config.web, self.settings
         if (new.address, new.port, new.certificate, new.private_key) != (
             old.address,
@@ -139,11 +139,12 @@ class WebService:
             old.certificate,
             old.private_key,
         ):
-            log.warning("web.address or its certificate changed: takes effect at the next start")
+            notes.append("web.address or its certificate changed: takes effect at the next start")
         if new.public_url != old.public_url:
-            log.warning("web.public_url changed: takes effect at the next start")
-            return
+            notes.append("web.public_url changed: takes effect at the next start")
+            return notes
         self.ctx.config = config
+        return notes
 
     async def close(self) -> None:
         if self.listener is not None:

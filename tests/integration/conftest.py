@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -170,3 +173,35 @@ def relay_for(mail_world: MailWorld, relayd_setup: RelaydSetupFactory, tmp_path:
         return relayd_setup({"t": tenant}, may_send_as=[mailbox.address])
 
     return make
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+
+class _Hook(BaseHTTPRequestHandler):
+    posts: list[dict[str, Any]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        self.posts.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+#: The ``webhook`` fixture: its URL and the JSON bodies POSTed to it so far.
+Webhook = tuple[str, list[dict[str, Any]]]
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    posts: list[dict[str, Any]] = []
+    handler = type("Hook", (_Hook,), {"posts": posts})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", posts
+    server.shutdown()
+    server.server_close()

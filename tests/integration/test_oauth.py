@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import random
 import re
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,9 @@ from relayd.upstream.credentials import Credential, Mechanism
 from relayd.upstream.smtp import SmtpSession
 from relayd.upstream.transport import AttemptError
 
-from .conftest import NewMailbox, RelaydSetup, RelaydSetupFactory
-from .relayd_proc import ALL_LOGS, REPO, write_secret
+from .conftest import NewMailbox, RelaydSetup, RelaydSetupFactory, Webhook
+from .ops_cli import relayd_json, wait_until
+from .relayd_proc import ALL_LOGS, REPO, free_port, write_secret
 from .test_relay_delivery import message, send, spooled
 
 pytestmark = pytest.mark.integration
@@ -303,6 +306,77 @@ def test_app_only_client_credentials_two_mailboxes_of_one_tenant(
     assert sasl_logins(mail_world, second.address) == ["XOAUTH2"]
     # One app token serves both mailboxes.
     assert oauth.count("client_credentials") - before == 1
+    assert setup.relayd.stop() == 0
+
+
+def test_app_only_senders_appear_in_status_and_a_paused_one_gets_its_reminder(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    webhook: Webhook,
+    tmp_path: Path,
+) -> None:
+    """Senders routed by `domains:` have no entry in the config, yet each is an account for
+    status, metrics and the 24 h reminders. The app may send for the mail world's domain
+    only: Dovecot refuses its token for a mailbox of the second domain, so that sender is
+    paused (credentials refused twice) while the first delivers."""
+    url, posts = webhook
+    good, rcpt = new_mailbox("appok"), new_mailbox("rcpt")
+    refused = "app@elsewhere.test"
+    secret = write_secret(tmp_path / "secrets" / "app", APP_SECRET)
+    metrics_port = free_port()
+    setup = relayd_setup(
+        {
+            "contoso": {
+                "provider": "microsoft365",
+                "domains": [mail_world.domain, "elsewhere.test"],
+                "smtp": smtp_to(mail_world),
+                "sent_copy": "never",
+                "oauth": {
+                    "flow": "client_credentials",
+                    "client_id": APP_CLIENT,
+                    "client_secret": {"file": str(secret)},
+                    "authority": oauth.authority("contoso"),
+                    "ca_file": str(mail_world.pki.ca_cert),
+                },
+            }
+        },
+        may_send_as=[f"*@{mail_world.domain}", "*@elsewhere.test"],
+    )
+    setup.config["alerts"] = {"webhook": url}
+    setup.config["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
+    setup.rewrite_config()
+    setup.relayd.start()
+    submit(setup, good.address, rcpt.address, "app-only delivered")
+    submit(setup, refused, rcpt.address, "app-only held")
+    mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
+    wait_until(lambda: any(p["kind"] == "account_paused" for p in posts), 60, "the pause alert")
+    [paused_post] = [p for p in posts if p["kind"] == "account_paused"]
+    assert paused_post["account"] == refused and paused_post["tenant"] == "contoso"
+
+    accounts = {a["address"]: a for a in relayd_json(setup.config_path, "status")["accounts"]}
+    assert accounts[good.address]["state"] == "ok"
+    assert accounts[good.address]["route"] == (
+        f"tenants.contoso.domains: *@{mail_world.domain}, *@elsewhere.test"
+    )
+    assert accounts[refused]["state"] == "paused" and accounts[refused]["queued"] == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert f'relayd_account_paused{{account="{refused}"}} 1.0' in metrics
+    assert f'relayd_account_paused{{account="{good.address}"}} 0.0' in metrics
+    assert setup.relayd.stop() == 0
+
+    # A day later (the incident's last alert moved back 25 h), the daemon reminds at once.
+    incidents_path = setup.dir / "state" / "alerts.json"
+    incidents = json.loads(incidents_path.read_text())
+    incidents[f"paused:{refused}"]["alerted_at"] -= 25 * 3600
+    incidents_path.write_text(json.dumps(incidents))
+    setup.relayd.start()
+    wait_until(lambda: any(p["kind"] == "account_still_paused" for p in posts), 60, "the reminder")
+    [reminder] = [p for p in posts if p["kind"] == "account_still_paused"]
+    assert reminder["account"] == refused
+    assert not any(p["account"] == good.address for p in posts)
     assert setup.relayd.stop() == 0
 
 

@@ -3,52 +3,20 @@ Prometheus endpoint, against the real mail world."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mailworld.world import MailWorld
 
-from .conftest import Mailbox, NewMailbox, RelaydSetupFactory
+from .conftest import Mailbox, NewMailbox, RelaydSetupFactory, Webhook
 from .relayd_proc import free_port, write_secret
 from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
-
-
-class _Hook(BaseHTTPRequestHandler):
-    posts: list[dict[str, Any]]
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        self.posts.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-#: The ``webhook`` fixture: its URL and the JSON bodies POSTed to it so far.
-Webhook = tuple[str, list[dict[str, Any]]]
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    posts: list[dict[str, Any]] = []
-    handler = type("Hook", (_Hook,), {"posts": posts})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", posts
-    server.shutdown()
-    server.server_close()
 
 
 def _account(dir_: Path, mailbox: Mailbox, password: str | None = None) -> dict[str, Any]:

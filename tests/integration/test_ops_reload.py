@@ -11,6 +11,7 @@ from mailworld.world import MailWorld
 
 from .conftest import NewMailbox, RelayFor, custom_tenant
 from .ops_cli import relayd_cli
+from .relayd_proc import free_port
 from .test_relay_delivery import message, send
 
 pytestmark = pytest.mark.integration
@@ -82,3 +83,31 @@ def test_reload_without_a_daemon_says_so(new_mailbox: NewMailbox, relay_for: Rel
     setup = relay_for(new_mailbox("none"))
     result = relayd_cli(setup.config_path, "reload")
     assert result.returncode == 1 and "not running" in result.stderr
+
+
+def test_reload_prints_what_needs_a_restart(
+    new_mailbox: NewMailbox, relay_for: RelayFor, tmp_path: Path
+) -> None:
+    """A listener added or removed, a metrics address: applied at the next start, and
+    `relayd reload` says so instead of leaving the operator to guess from a silent port."""
+    setup = relay_for(new_mailbox("restart"))
+    setup.relayd.start()
+    first = setup.config["listen"][0]
+    added = {"address": f"127.0.0.1:{free_port()}", "auth": "required", "tls": "none"}
+    setup.config["listen"] = [added]  # the running one removed, a new one added
+    setup.config["metrics"] = {"address": f"127.0.0.1:{free_port()}"}
+    setup.rewrite_config()
+    result = relayd_cli(setup.config_path, "reload")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"relayd reloaded {setup.config_path}"
+    assert sorted(lines[1:]) == sorted(
+        [
+            f"needs a restart: {added['address']}: new listener, opened at the next start",
+            f"needs a restart: {first['address']}: removed, closed at the next start",
+            "needs a restart: metrics.address changed: takes effect at the next start",
+        ]
+    )
+    # Still true on the next reload: the running listeners are what is compared.
+    assert sorted(relayd_cli(setup.config_path, "reload").stdout.splitlines()) == sorted(lines)
+    assert setup.relayd.stop() == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mailworld.world import MailWorld
 
@@ -68,3 +70,28 @@ def test_wrong_password_fails_with_a_hint(
     assert "hint:" in result.stdout
     assert wrong not in result.stdout + result.stderr
     assert DOTS in result.stdout
+
+
+def test_json_report_lists_each_step_and_a_missing_sent_folder(
+    mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
+) -> None:
+    sender = new_mailbox("t")
+    setup = relay_for(sender)
+    setup.config["tenants"]["t"]["imap"] = {
+        "host": "127.0.0.1",
+        "port": mail_world.imaps_port,
+        "tls": "implicit",
+        "ca_file": str(mail_world.pki.ca_cert),
+        "sent_folder": "Sent Elsewhere",
+    }
+    setup.rewrite_config()
+    result = relayd_cli(setup.config_path, "test", sender.address, "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)  # one document, nothing else on stdout
+    assert report["account"] == sender.address and report["ok"] is False
+    steps = {s["step"]: s for s in report["steps"]}
+    for passed in ("DNS", "TCP", "TLS", "EHLO", "login"):
+        assert steps[passed]["ok"] is True, steps[passed]
+    assert steps["Sent"]["ok"] is False
+    assert "no folder 'Sent Elsewhere'" in str(steps["Sent"]["detail"])
+    assert sender.password not in result.stdout + result.stderr

@@ -6,8 +6,9 @@ limit exceeded") beyond that; Postfix cannot be made to say 432. This server say
 FROM on every session opened while ``max_sessions`` others were open, and hands every message it
 accepts on to the real Dovecot over LMTP, so a test sees the mail arrive in the mailbox.
 
-Runs on its own event loop in a thread; counts sessions, the most open at once, the 432s,
-and the most sessions open while a message went through after the first 432.
+Runs on its own event loop in a thread; counts sessions, the most working at once, the 432s,
+and, after the first 432, the most sessions relayd wanted at once (those working and the one
+it opened).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ class _Session(SMTPServer):
         self.admitted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A session opened while the limit's worth were open already is refused throughout.
-        self.admitted = self.upstream.opened() <= self.upstream.max_sessions
+        # A session opened while the limit's worth were working already is refused throughout.
+        self.admitted = self.upstream.opened()
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.upstream.closed()
+        self.upstream.closed(self.admitted)
         super().connection_lost(exc)
 
 
@@ -62,16 +63,24 @@ class SessionLimitedUpstream:
 
     # -- counting (from the server's loop) ---------------------------------------------------
 
-    def opened(self) -> int:
+    def opened(self) -> bool:
+        """A new session; True if admitted. Only admitted sessions count against the limit
+        (a refused one is on its way out), so ``most_open_after_refusal`` is how many
+        sessions relayd wanted at once once it had been told: the working ones and this."""
         with self._lock:
-            self.open += 1
             self.sessions += 1
+            if self.refusals:
+                self.most_open_after_refusal = max(self.most_open_after_refusal, self.open + 1)
+            if self.open >= self.max_sessions:
+                return False
+            self.open += 1
             self.most_open = max(self.most_open, self.open)
-            return self.open
+            return True
 
-    def closed(self) -> None:
-        with self._lock:
-            self.open -= 1
+    def closed(self, admitted: bool) -> None:
+        if admitted:
+            with self._lock:
+                self.open -= 1
 
     # -- aiosmtpd hooks ----------------------------------------------------------------------
 
@@ -92,8 +101,6 @@ class SessionLimitedUpstream:
         )
         with self._lock:
             self.delivered += 1
-            if self.refusals:  # sessions open while mail goes through, after the first 432
-                self.most_open_after_refusal = max(self.most_open_after_refusal, self.open)
         return "250 2.6.0 Queued mail for delivery"
 
     def _hand_on(self, sender: str, recipients: list[str], content: bytes) -> None:

@@ -36,6 +36,9 @@ SECRET = "s3cret-Value-never-shown"
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "RELAYD_CONFIG", "INFO_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
+    # The default helo_name is the host's name: a proper one here, whatever this machine's is
+    # (the tests of the warning about a poor one set their own).
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "app01.acme.example")
     monkeypatch.setenv("PW", SECRET)
 
 
@@ -1685,3 +1688,60 @@ def test_a_record_that_is_not_a_mapping_is_reported_once(tmp_path: Path) -> None
         'tenants.t.accounts[0]: line 7: expected a mapping, got "a@example.com"',
         'tenants.u: line 8: expected a mapping, got "gmail"',
     ]
+
+
+# -- helo_name --------------------------------------------------------------------------------
+
+
+def sends_out(tmp_path: Path) -> str:
+    """A config whose mail leaves the host, with nothing else to warn about."""
+    secret = tmp_path / "password"
+    secret.write_text("app password\n")
+    secret.chmod(0o600)
+    return (
+        "tenants:\n  acme:\n    provider: custom\n"
+        "    smtp: {host: smtp.acme.example, port: 587, tls: starttls}\n"
+        f"    accounts: [{{address: app@acme.example, password: {{file: {secret}}}}}]\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host_name", "problem"),
+    [
+        ("localhost", "a loopback name"),
+        ("localhost.localdomain", "a loopback name"),
+        ("vm", "not a fully qualified domain name"),
+        ("app01.acme.example", None),
+    ],
+)
+def test_a_default_helo_name_providers_may_refuse_is_warned_about(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    host_name: str,
+    problem: str | None,
+) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": host_name)
+    path = write(tmp_path, sends_out(tmp_path))
+    assert cli.main(["check-config", "-c", str(path)]) == 0
+    err = capsys.readouterr().err
+    if problem is None:
+        assert "helo_name" not in err
+    else:
+        assert (
+            f"warning: helo_name: not set, and this host's name {host_name!r} is {problem}: "
+            "providers may refuse it in EHLO; set helo_name to this host's public name"
+        ) in err
+
+
+def test_a_configured_loopback_helo_name_is_warned_about_and_capture_needs_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load(tmp_path, "helo_name: localhost\n" + sends_out(tmp_path))
+    assert config.warnings == (
+        "helo_name: line 1: 'localhost' is a loopback name; set helo_name to this host's "
+        "public name (a name that resolves to it)",
+    )
+    # No mail leaves a host whose tenants all capture (the demo): nothing to warn about.
+    monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
+    assert load_config(LOCAL).warnings == ()
