@@ -300,6 +300,7 @@ class Daemon:
             try:
                 now = await asyncio.to_thread(self._stores_snapshot)
                 if seen is not None and now != seen:
+                    log.info("stored tokens or passwords changed: logging in afresh")
                     self.tokens.forget()
                     self.scheduler.credentials_changed()
                 seen = now

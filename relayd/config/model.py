@@ -224,6 +224,8 @@ class OAuthConfig:
     thumbprint: str | None = None
     service_account_key: Secret | None = None
     token_url: str | None = None
+    # RFC 7009 token revocation, used by `relayd auth --revoke` (Google's by default).
+    revoke_url: str | None = None
     refresh_token: Secret | None = None
     scopes: tuple[str, ...] = ()
     authority: str | None = None

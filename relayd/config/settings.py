@@ -55,6 +55,7 @@ OAUTH_KEYS = (
     "thumbprint",
     "service_account_key",
     "token_url",
+    "revoke_url",
     "refresh_token",
     "scopes",
     "authority",
@@ -106,6 +107,7 @@ class OAuthLayer:
     thumbprint: Setting[str] | None = None
     service_account_key: Setting[Secret] | None = None
     token_url: Setting[str] | None = None
+    revoke_url: Setting[str] | None = None
     refresh_token: Setting[Secret] | None = None
     scopes: Setting[tuple[str, ...]] | None = None
     authority: Setting[str] | None = None
@@ -176,6 +178,7 @@ def read_oauth(rd: NodeReader, item: Item) -> OAuthLayer:
             f["service_account_key"], read_service_account_key(rd, f["service_account_key"])
         ),
         token_url=_at(f["token_url"], rd.parsed(f["token_url"], parse_url, "an https URL")),
+        revoke_url=_at(f["revoke_url"], rd.parsed(f["revoke_url"], parse_url, "an https URL")),
         refresh_token=_at(f["refresh_token"], read_secret(rd, f["refresh_token"])),
         scopes=_at(f["scopes"], tuple(s for s in scopes if s is not None)),
         authority=_at(f["authority"], rd.parsed(f["authority"], parse_url, "an https URL")),
@@ -383,6 +386,7 @@ def build_oauth(
         thumbprint=value(layer.thumbprint),
         service_account_key=value(layer.service_account_key),
         token_url=value(layer.token_url),
+        revoke_url=value(layer.revoke_url),
         refresh_token=value(layer.refresh_token),
         scopes=scopes.value if scopes is not None else (),
         authority=value(layer.authority),

@@ -18,8 +18,6 @@ desktop" or "Web" platform, Google a "Web application" client.
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -28,6 +26,7 @@ from relayd.config.model import AccountConfig
 from relayd.config.presets import PRESETS
 from relayd.oauth.flows import GOOGLE_AUTH_URL, ConsentResult
 from relayd.oauth.http import TokenHttpSession, token_document
+from relayd.oauth.identity import id_token_claims
 from relayd.oauth.pkce import METHOD, challenge_of
 from relayd.oauth.tokens import ConsentRequired, expiry_from
 
@@ -36,7 +35,6 @@ __all__ = [
     "CodeGrant",
     "authorization_url",
     "code_flow_for",
-    "id_token_claims",
     "redeem_code",
 ]
 
@@ -113,19 +111,6 @@ def authorization_url(
     }
     joiner = "&" if "?" in flow.authorize_url else "?"
     return flow.authorize_url + joiner + urlencode(params)
-
-
-def id_token_claims(id_token: object) -> dict[str, Any] | None:
-    """The payload of a JWT (RFC 7519 §7.2 steps 1-7 without the signature): None if it is
-    not one. Whether its claims are acceptable is ``relayd.web.signin``'s business."""
-    if not isinstance(id_token, str) or id_token.count(".") != 2:
-        return None
-    payload = id_token.split(".")[1]
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 @dataclass(frozen=True)

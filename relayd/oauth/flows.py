@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relayd.config.model import OAuthConfig
+from relayd.oauth.identity import id_token_claims, signed_in_as
 from relayd.oauth.loopback import LoopbackRedirect, free_loopback_port, query_of
 from relayd.oauth.tokens import ConsentRequired, TokenEndpointUnavailable, expiry_from
 
@@ -35,6 +36,9 @@ Say = Callable[[str], None]
 Ask = Callable[[str], str]
 
 GOOGLE_AUTH_URL = "https://accounts.google.com/o/oauth2/auth"
+#: OpenID Connect scopes for an ID token with the address (Google returns the email scope
+#: under this name, so asking for it so keeps oauthlib's scope comparison quiet).
+GOOGLE_IDENTITY_SCOPES = ("openid", "https://www.googleapis.com/auth/userinfo.email")
 #: How long a browser consent may take before relayd gives up waiting.
 BROWSER_TIMEOUT = 600.0
 
@@ -44,7 +48,10 @@ class ConsentResult:
     refresh_token: str = field(repr=False)
     access_token: str = field(repr=False)
     expires_at: float
-    signed_in_as: str | None = None  # from the ID token, when the provider sent one
+    # Who signed in, from the ID token (relayd.oauth.identity), when the provider sent one;
+    # ``verified`` False when it says the address is not verified (Google's email_verified).
+    identities: tuple[str, ...] = ()
+    verified: bool = True
 
 
 def _from_msal(result: dict[str, Any], address: str) -> ConsentResult:
@@ -57,13 +64,13 @@ def _from_msal(result: dict[str, Any], address: str) -> ConsentResult:
             "the provider returned no refresh token (is offline access allowed for the app?)",
             error="no_refresh_token",
         )
+    # msal decodes the ID token of the token endpoint's answer into id_token_claims.
     claims = result.get("id_token_claims") or {}
-    who = claims.get("preferred_username") or claims.get("email")
     return ConsentResult(
         refresh_token=result["refresh_token"],
         access_token=result.get("access_token", ""),
         expires_at=expiry_from(result.get("expires_in")),
-        signed_in_as=who if isinstance(who, str) else None,
+        identities=tuple(signed_in_as(claims)),
     )
 
 
@@ -150,7 +157,10 @@ def google_installed_app(
             "token_uri": oauth.token_url or GOOGLE_TOKEN_URL,
         }
     }
-    flow = Flow.from_client_config(client, scopes=list(oauth.scopes or GOOGLE_SCOPES))
+    # openid and the email scope add an ID token naming who signed in, checked against the
+    # account before anything is stored; the refresh asks for the mail scope alone.
+    scopes = list(dict.fromkeys([*(oauth.scopes or GOOGLE_SCOPES), *GOOGLE_IDENTITY_SCOPES]))
+    flow = Flow.from_client_config(client, scopes=scopes)
     session = TokenHttpSession(oauth.ca_file)
     # offline + consent: Google issues a refresh token only then (and again on re-consent).
     extra = {"access_type": "offline", "prompt": "consent", "login_hint": address}
@@ -187,10 +197,13 @@ def google_installed_app(
     refresh = token.get("refresh_token")
     if not refresh:
         raise ConsentRequired("Google returned no refresh token", error="no_refresh_token")
+    claims = id_token_claims(token.get("id_token")) or {}
     return ConsentResult(
         refresh_token=refresh,
         access_token=token.get("access_token", ""),
         expires_at=float(token.get("expires_at") or expiry_from(token.get("expires_in"))),
+        identities=tuple(signed_in_as(claims)),
+        verified=claims.get("email_verified") is not False,
     )
 
 

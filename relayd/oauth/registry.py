@@ -236,6 +236,10 @@ class TokenSources:
         def change(current: StoredTokens | None) -> StoredTokens | None:
             if current is not None and current.consent_id != used.consent_id:
                 return None  # `relayd auth` wrote a newer consent meanwhile: it wins
+            if current is None and not used.consent_id.startswith("config-"):
+                # Stored tokens gone while this refresh ran: `relayd auth --revoke` deleted
+                # them, and a refresh finishing late must not bring them back.
+                return None
             return new
 
         try:
@@ -249,6 +253,9 @@ class TokenSources:
                 extra={"account": account.address},
             )
             self._records[account.address] = new
+            return
+        if on_disk is None and not used.consent_id.startswith("config-"):
+            self._records.pop(account.address, None)  # revoked meanwhile: forget it here too
             return
         self._records[account.address] = on_disk if on_disk is not None else new
 

@@ -94,6 +94,16 @@ class TokenStore(SealedFiles):
         with self.locked(record.address):
             self.seal_unlocked(record.address, record.to_json())
 
+    def remove(self, address: str) -> tuple[bool, StoredTokens | None]:
+        """Delete the account's tokens (``relayd auth --revoke``): whether there was a file,
+        and the record it held (None if unreadable: it is deleted all the same)."""
+        with self.locked(address):
+            try:
+                record = self.load(address)
+            except TokenStoreError:
+                record = None
+            return self.remove_unlocked(address), record
+
     def update(
         self, address: str, change: Callable[[StoredTokens | None], StoredTokens | None]
     ) -> StoredTokens | None:

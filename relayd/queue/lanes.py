@@ -43,6 +43,9 @@ class Lane:
     logins: int = 0
     probing: bool = False
     throttle: Throttle = field(default_factory=Throttle)  # the provider's "slow down"
+    # Counts credential changes (a new consent, a revoked one, a new password): a session
+    # logged in before the last one is not used again.
+    credentials_epoch: int = 0
 
     @property
     def configured_connections(self) -> int:
@@ -123,8 +126,18 @@ class LaneWorkers:
             lane.workers += 1
             self.tasks.spawn(self._work(lane))
 
+    def credentials_changed(self, lanes: Lanes) -> None:
+        """The credentials changed (``relayd auth``, ``--revoke``, the connect page): sessions
+        logged in with the old ones are closed, idle ones now, busy ones after their current
+        message, so that nothing more goes out on a login the owner took back."""
+        for lane in lanes:
+            lane.credentials_epoch += 1
+            while lane.idle:
+                self.tasks.spawn(lane.idle.pop().quit())
+
     async def _work(self, lane: Lane) -> None:
         transport = lane.take_idle()
+        epoch = lane.credentials_epoch
         try:
             while lane.ready and not self.stopping:
                 pause = lane.wait_for_pace(self.clock())
@@ -134,6 +147,11 @@ class LaneWorkers:
                 queue_id = self.next_message(lane)
                 if queue_id is None:
                     continue
+                if epoch != lane.credentials_epoch:
+                    if transport is not None:
+                        self.tasks.spawn(transport.quit())
+                        transport = None
+                    epoch = lane.credentials_epoch
                 try:
                     transport = await self.attempt(lane, queue_id, transport)
                 except Exception:
@@ -147,6 +165,9 @@ class LaneWorkers:
                     break  # the lane was throttled to fewer connections: this one goes
         finally:
             lane.workers -= 1
+            if transport is not None and epoch != lane.credentials_epoch:
+                transport.close()  # logged in with credentials that have changed since
+                transport = None
             if transport is not None and lane.workers + len(lane.idle) >= lane.max_connections:
                 # Open connections count against the provider's limit, idle ones too.
                 transport.close()

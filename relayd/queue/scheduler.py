@@ -153,7 +153,9 @@ class Scheduler:
         self._release_unpaused_holds()
 
     def credentials_changed(self) -> None:
-        """A new consent in the token store (``relayd auth``): resume what it fixes."""
+        """The token or password store changed (``relayd auth``, ``--revoke``, the connect
+        page): sessions logged in before are not used again; resume what it fixes."""
+        self._workers.credentials_changed(self._lanes)
         self.apply_credentials()
         self._release_unpaused_holds()
 

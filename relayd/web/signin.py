@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relayd.config.model import AccountConfig
+from relayd.oauth.identity import own_identity, signed_in_as
 from relayd.oauth.pkce import is_verifier, new_verifier
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "begin_sign_in",
     "check_callback",
     "check_identity",
-    "signed_in_as",
 ]
 
 SIGN_IN_SECONDS = 600.0
@@ -115,10 +115,6 @@ def check_callback(
 
 # -- the identity in the ID token --------------------------------------------------------------
 
-#: Where providers put the mailbox: Microsoft ``preferred_username`` (the UPN, usually the
-#: primary address) and ``upn``; Google and most others ``email``.
-IDENTITY_CLAIMS = ("preferred_username", "upn", "email")
-
 
 class IdentityProblem(enum.Enum):
     NO_ID_TOKEN = "The provider sent no ID token, so relayd cannot tell who signed in."
@@ -137,16 +133,6 @@ class Identity:
 
     who: str | None
     problem: IdentityProblem | None
-
-
-def signed_in_as(claims: Mapping[str, Any]) -> list[str]:
-    """Every address the ID token names for the user, lower-cased, in claim order."""
-    found: list[str] = []
-    for name in IDENTITY_CLAIMS:
-        value = claims.get(name)
-        if isinstance(value, str) and "@" in value and value.strip().lower() not in found:
-            found.append(value.strip().lower())
-    return found
 
 
 def check_identity(
@@ -174,8 +160,7 @@ def check_identity(
         return Identity(who, IdentityProblem.UNVERIFIED_EMAIL)
     if who is None:
         return Identity(None, IdentityProblem.NO_IDENTITY)
-    mine = {account.address, account.username.lower()}
-    for name in names:
-        if name in mine:
-            return Identity(name, None)
+    own = own_identity(names, account)
+    if own is not None:
+        return Identity(own, None)
     return Identity(who, IdentityProblem.OTHER_IDENTITY)

@@ -36,7 +36,7 @@ from relayd.upstream.smtp import SmtpSession
 from relayd.upstream.transport import AttemptError
 
 from .conftest import NewMailbox, RelaydSetup, RelaydSetupFactory, Webhook
-from .ops_cli import relayd_json, wait_until
+from .ops_cli import relayd_cli, relayd_json, wait_until
 from .relayd_proc import ALL_LOGS, REPO, free_port, write_secret
 from .test_relay_delivery import message, send, spooled
 
@@ -483,7 +483,8 @@ def test_invalid_grant_pauses_then_device_code_consent_releases_held_mail(
     log = setup.relayd.wait_for_log("ALERT account paused", timeout=30)
     assert "invalid_grant" in log and f"relayd auth {alice.address}" in log
     state = setup.dir / "state"
-    assert spooled(state)["hold"] == [held]
+    # The alert is logged as the pause is decided; the move to hold/ follows it.
+    wait_until(lambda: spooled(state)["hold"] == [held], 10, "the message in hold/")
     time.sleep(3)  # paused: no more attempts and no second alert
     assert setup.relayd.log().count("ALERT account paused") == 1
     assert mail_world.messages(rcpt.name) == [] and mail_world.messages(alice.name) == []
@@ -594,6 +595,38 @@ def test_killed_during_rotation_leaves_a_usable_token_file(tmp_path: Path) -> No
     assert len(seen) > 1  # the kills did land in different rotations
 
 
+def google_consent_by_paste(
+    setup: RelaydSetup, world: MailWorld, address: str
+) -> subprocess.CompletedProcess[str]:
+    """``relayd auth ADDRESS --no-browser`` for a Google account, the user's side played out:
+    the browser elsewhere signs in (as the server's ``consent_user``, else the login hint)
+    and the redirected address is pasted back."""
+    auth = start_auth(setup, address, "--no-browser", stdin=subprocess.PIPE)
+    try:
+        assert auth.stdout is not None and auth.stdin is not None
+        shown = ""
+        while "Address of the page" not in shown:
+            line = auth.stdout.readline()
+            assert line, f"relayd auth ended early:\n{shown}"
+            shown += line
+        url = re.search(r"^\s+(https://\S+)$", shown, re.M).group(1)  # type: ignore[union-attr]
+        # The user's browser, elsewhere: the server consents and redirects to 127.0.0.1,
+        # which does not load there; the user copies that address.
+        ctx = ssl.create_default_context(cafile=str(world.pki.ca_cert))
+        parsed = urllib.parse.urlsplit(url)
+        assert parsed.hostname is not None, url
+        conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=ctx)
+        conn.request("GET", f"{parsed.path}?{parsed.query}")
+        redirected = conn.getresponse().getheader("Location")
+        conn.close()
+        assert redirected and redirected.startswith("http://127.0.0.1:")
+        rest, _ = auth.communicate(redirected + "\n", timeout=60)
+    finally:
+        if auth.poll() is None:
+            auth.kill()
+    return subprocess.CompletedProcess(auth.args, auth.returncode, shown + rest)
+
+
 def test_google_consent_pasted_back_without_a_browser(
     mail_world: MailWorld,
     new_mailbox: NewMailbox,
@@ -606,30 +639,8 @@ def test_google_consent_pasted_back_without_a_browser(
         {"g": google_tenant(mail_world, oauth, tmp_path / "secrets", [bob.address])},
         may_send_as=[bob.address],
     )
-    auth = start_auth(setup, bob.address, "--no-browser", stdin=subprocess.PIPE)
-    try:
-        assert auth.stdout is not None and auth.stdin is not None
-        shown = ""
-        while "Address of the page" not in shown:
-            line = auth.stdout.readline()
-            assert line, f"relayd auth ended early:\n{shown}"
-            shown += line
-        url = re.search(r"^\s+(https://\S+)$", shown, re.M).group(1)  # type: ignore[union-attr]
-        # The user's browser, elsewhere: the server consents and redirects to 127.0.0.1,
-        # which does not load there; the user copies that address.
-        ctx = ssl.create_default_context(cafile=str(mail_world.pki.ca_cert))
-        parsed = urllib.parse.urlsplit(url)
-        assert parsed.hostname is not None, url
-        conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, context=ctx)
-        conn.request("GET", f"{parsed.path}?{parsed.query}")
-        redirected = conn.getresponse().getheader("Location")
-        conn.close()
-        assert redirected and redirected.startswith("http://127.0.0.1:")
-        rest, _ = auth.communicate(redirected + "\n", timeout=60)
-    finally:
-        if auth.poll() is None:
-            auth.kill()
-    assert auth.returncode == 0, shown + rest
+    auth = google_consent_by_paste(setup, mail_world, bob.address)
+    assert auth.returncode == 0, auth.stdout
     stored = store_of(setup).load(bob.address)
     assert stored is not None and stored.refresh_token
     setup.relayd.start()
@@ -637,6 +648,101 @@ def test_google_consent_pasted_back_without_a_browser(
     mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
     assert sasl_logins(mail_world, bob.address) == ["XOAUTH2"]
     assert setup.relayd.stop() == 0
+
+
+def test_consent_signed_in_as_another_mailbox_stores_nothing(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    tmp_path: Path,
+) -> None:
+    """Google pasted back and Microsoft's device code, each signed in as the wrong mailbox:
+    refused with the reason, exit 1, no token file; the right mailbox then succeeds."""
+    bob, alice, mallory = new_mailbox("gbob"), new_mailbox("malice"), new_mailbox("mallory")
+    google = google_tenant(mail_world, oauth, tmp_path / "secrets", [bob.address])
+    microsoft = microsoft_tenant(mail_world, oauth, [alice.address])
+    setup = relayd_setup({"g": google, "ms": microsoft}, may_send_as=[bob.address])
+    oauth.consent_user = mallory.address
+    try:
+        wrong = google_consent_by_paste(setup, mail_world, bob.address)
+    finally:
+        oauth.consent_user = None
+    assert wrong.returncode == 1, wrong.stdout
+    assert (
+        f"error: you signed in as {mallory.address}, not {bob.address}: sign in as {bob.address}"
+    ) in wrong.stdout
+    assert "nothing was stored" in wrong.stdout
+    assert not store_of(setup).path_for(bob.address).exists()
+    assert google_consent_by_paste(setup, mail_world, bob.address).returncode == 0
+    assert store_of(setup).load(bob.address) is not None
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    auth = start_auth(setup, alice.address, "--device-code", env=env)
+    try:
+        assert auth.stdout is not None
+        shown = ""
+        while not re.search(r"^\s+[A-Z]{8}$", shown, re.M):
+            line = auth.stdout.readline()
+            assert line, f"relayd auth ended early:\n{shown}"
+            shown += line
+        code = re.search(r"^\s+([A-Z]{8})$", shown, re.M).group(1)  # type: ignore[union-attr]
+        oauth.approve_device_code(code, mallory.address)
+        rest, _ = auth.communicate(timeout=60)
+    finally:
+        if auth.poll() is None:
+            auth.kill()
+    assert auth.returncode == 1, shown + rest
+    assert f"you signed in as {mallory.address}, not {alice.address}" in rest
+    assert not store_of(setup).path_for(alice.address).exists()
+
+
+def test_revoke_deletes_the_tokens_revokes_them_and_holds_the_mail(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,
+    tmp_path: Path,
+) -> None:
+    bob, rcpt = new_mailbox("revoke"), new_mailbox("rcpt")
+    tenant = google_tenant(mail_world, oauth, tmp_path / "secrets", [bob.address])
+    tenant["oauth"]["revoke_url"] = oauth.revoke_url
+    setup = relayd_setup({"g": tenant}, may_send_as=[bob.address])
+    assert google_consent_by_paste(setup, mail_world, bob.address).returncode == 0
+    stored = store_of(setup).load(bob.address)
+    assert stored is not None
+    setup.relayd.start()
+    submit(setup, bob.address, rcpt.address, "before the revocation")
+    mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
+
+    noticed = setup.relayd.log().count("stored tokens or passwords changed")
+    revoked = relayd_cli(setup.config_path, "auth", bob.address, "--revoke")
+    assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+    assert f"Deleted the stored tokens of {bob.address}" in revoked.stdout
+    assert f"Revoked at the provider ({oauth.revoke_url})" in revoked.stdout
+    assert oauth.revoked_by_client() == [stored.refresh_token]
+    assert not store_of(setup).path_for(bob.address).exists()
+    [row] = relayd_json(setup.config_path, "status")["accounts"]
+    assert row["state"] == "needs consent" and f"relayd auth {bob.address}" in row["fix"]
+
+    # Once the daemon has noticed (it polls the store every 2 s), its mail is held, not
+    # bounced and not sent, even on the session still open from before: paused for want of
+    # a consent ...
+    setup.relayd.wait_for_log("stored tokens or passwords changed", count=noticed + 1)
+    held = submit(setup, bob.address, rcpt.address, "held until a new consent")
+    wait_until(lambda: spooled(setup.dir / "state")["hold"] == [held], 30, "the held mail")
+    assert len(mail_world.messages(rcpt.name)) == 1
+    assert sasl_logins(mail_world, bob.address) == ["XOAUTH2"]  # no login without tokens
+    # ... until the owner consents again, when it goes out by itself.
+    assert google_consent_by_paste(setup, mail_world, bob.address).returncode == 0
+    mail_world.wait_for_messages(rcpt.name, 2, timeout=30)
+    assert setup.relayd.stop() == 0
+    # Revoking twice is no error: there is nothing left to revoke.
+    again = relayd_cli(setup.config_path, "auth", bob.address, "--revoke")
+    assert again.returncode == 0 and "Deleted" in again.stdout
+    assert relayd_cli(setup.config_path, "auth", bob.address, "--revoke").stdout.startswith(
+        f"No tokens are stored for {bob.address}"
+    )
 
 
 def test_microsoft_browser_consent_returns_to_the_loopback_address(

@@ -71,6 +71,7 @@ class _DeviceCode:
     user_code: str
     client_id: str
     expires_at: float
+    scope: str = ""
     username: str | None = None  # set when approved
 
 
@@ -99,6 +100,7 @@ class _State:
     code_refusals: Counter[str] = field(default_factory=Counter)  # why codes were refused
     counts: Counter[str] = field(default_factory=Counter)
     introspected: Counter[str] = field(default_factory=Counter)
+    revoked_at_endpoint: list[str] = field(default_factory=list)  # via /revoke (RFC 7009)
 
 
 class OAuthServer:
@@ -209,6 +211,31 @@ class OAuthServer:
                 if token == refresh_token or (username and grant.username == username.lower()):
                     grant.revoked = True
 
+    def revocation(self, form: dict[str, str], basic: tuple[str, str] | None) -> int:
+        """RFC 7009 §2.1: the client (when confidential, authenticated) revokes one of its
+        tokens; §2.2: 200 also for a token that is already invalid."""
+        client_id = basic[0] if basic else form.get("client_id", "")
+        secret = basic[1] if basic else form.get("client_secret")
+        with self._lock:
+            self.state.counts["revoke"] += 1
+            expected = self.state.clients.get(client_id, "")
+            if client_id not in self.state.clients or (expected and expected != secret):
+                return 401
+            grant = self.state.refresh.get(form.get("token", ""))
+            if grant is not None and grant.client_id == client_id:
+                grant.revoked = True
+                self.state.revoked_at_endpoint.append(form.get("token", ""))
+            return 200
+
+    @property
+    def revoke_url(self) -> str:
+        return f"{self.url}/revoke"
+
+    def revoked_by_client(self) -> list[str]:
+        """Refresh tokens revoked through /revoke, in order."""
+        with self._lock:
+            return list(self.state.revoked_at_endpoint)
+
     def count(self, grant_type: str) -> int:
         with self._lock:
             return self.state.counts[grant_type]
@@ -302,7 +329,10 @@ class OAuthServer:
             if device.username is None:
                 return 400, {"error": "authorization_pending"}  # RFC 8628 §3.5
             del self.state.devices[form["device_code"]]
-            return 200, self._answer(device.username, client_id, True)
+            answer = self._answer(device.username, client_id, True)
+            if "openid" in device.scope.split():
+                answer["id_token"] = self._id_token(device.username, client_id, "microsoft")
+            return 200, answer
         if grant_type == "authorization_code":
             return self._redeem(form, client_id)
         if grant_type == JWT_GRANT:
@@ -322,6 +352,7 @@ class OAuthServer:
                 user_code=user_code,
                 client_id=form.get("client_id", ""),
                 expires_at=time.time() + 900,
+                scope=form.get("scope", ""),
             )
         return {
             "device_code": device_code,
@@ -351,25 +382,29 @@ class OAuthServer:
             return 400, {"error": "invalid_grant", "error_description": f"PKCE/code: {refusal}"}
         answer = self._answer(code.username, client_id, True)
         if "openid" in code.scope.split():
-            answer["id_token"] = self._id_token(code)
+            answer["id_token"] = self._id_token(
+                code.username, client_id, code.style, nonce=code.nonce
+            )
         return 200, answer
 
-    def _id_token(self, code: _Code) -> str:
+    def _id_token(
+        self, username: str, client_id: str, style: str, *, nonce: str | None = None
+    ) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": f"{self.url}/v2.0" if code.style == "microsoft" else self.url,
-            "sub": hashlib.sha256(code.username.encode()).hexdigest()[:24],
-            "aud": code.client_id,
+            "iss": f"{self.url}/v2.0" if style == "microsoft" else self.url,
+            "sub": hashlib.sha256(username.encode()).hexdigest()[:24],
+            "aud": client_id,
             "iat": now,
             "nbf": now,
             "exp": now + 3600,
         }
-        if code.nonce:
-            claims["nonce"] = code.nonce
-        if code.style == "microsoft":
-            claims.update(preferred_username=code.username, tid="contoso", name=code.username)
+        if nonce:
+            claims["nonce"] = nonce
+        if style == "microsoft":
+            claims.update(preferred_username=username, tid="contoso", name=username)
         else:
-            claims.update(email=code.username, email_verified=True)
+            claims.update(email=username, email_verified=True)
         header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
         payload = _b64url(json.dumps(claims).encode())
         signature = hmac.new(self._jwt_key, f"{header}.{payload}".encode(), "sha256").digest()
@@ -617,5 +652,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, doc, {"Retry-After": "1"} if status >= 500 else None)
         elif parts[-3:] == ["oauth2", "v2.0", "devicecode"]:
             self._send(200, oauth.device_code(form))
+        elif parts == ["revoke"]:
+            self._send(oauth.revocation(form, self._basic()), {})
         else:
             self._send(404, {"error": "not_found"})

@@ -203,7 +203,7 @@ tenants:
             ACCOUNT + "    oauth: {flow: delegated, secret: x}\n",
             "tenants.t.oauth.secret: line 7: unknown key; allowed keys: flow, client_id, "
             "tenant_id, client_secret, certificate, thumbprint, service_account_key, token_url, "
-            "refresh_token, scopes, authority, ca_file",
+            "revoke_url, refresh_token, scopes, authority, ca_file",
         ),
         (
             ACCOUNT + "  s:\n    provider: capture\n    capture: {dir: x}\n",

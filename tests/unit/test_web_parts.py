@@ -15,7 +15,8 @@ import pytest
 from factories import make_account
 
 from relayd.config.model import OAuthConfig
-from relayd.oauth.codeflow import CodeFlow, authorization_url, code_flow_for, id_token_claims
+from relayd.oauth.codeflow import CodeFlow, authorization_url, code_flow_for
+from relayd.oauth.identity import id_token_claims
 from relayd.oauth.pkce import challenge_of, is_verifier, new_verifier
 from relayd.web.csrf import new_csrf_token, origin_allowed, token_matches
 from relayd.web.links import Link, LinkState, LinkStore, link_state
