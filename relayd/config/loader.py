@@ -15,6 +15,7 @@ from pathlib import Path
 
 from yaml.nodes import MappingNode
 
+from relayd.config.alerts import read_alerts
 from relayd.config.clients import PATTERN, read_clients, read_listeners
 from relayd.config.model import (
     DEFAULT_STOP_TIMEOUT,
@@ -35,7 +36,6 @@ from relayd.config.values import (
     parse_host,
     parse_host_port,
     parse_pattern,
-    parse_url,
 )
 from relayd.config.web import read_web
 from relayd.config.yamlnodes import ConfigError, Item, NodeReader, compose, line_of
@@ -74,7 +74,6 @@ CLIENT_CONNECTIONS_KEYS = (
 SPOOL_KEYS = ("max_message_size", "retry", "delay_warning", "encrypt_at_rest", "key")
 MIN_SPOOL_KEY_BYTES = 32
 RETRY_KEYS = ("first", "max", "give_up_after")
-ALERTS_KEYS = ("via", "email", "webhook")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 ADDRESS = "an address like user@example.com"
@@ -298,23 +297,7 @@ def _check_helo_name(
 
 
 def _alerts(rd: NodeReader, item: Item, tenants: tuple[TenantConfig, ...]) -> AlertsConfig | None:
-    if not item.present:
-        return None
-    f = rd.mapping(item, ALERTS_KEYS)
-    via = rd.parsed(f["via"], parse_address, ADDRESS, trim=True)
-    email = rd.parsed(f["email"], parse_address, ADDRESS, trim=True)
-    webhook = rd.parsed(f["webhook"], lambda t: parse_url(t, allow_http=True), "an http(s) URL")
-    if via is not None and not _owned(tenants, via):
-        rd.error(f["via"].path, f["via"].line, f"{via} is not an account (or alias) of any tenant")
-    if email is not None and not f["via"].present:
-        rd.error(
-            f["email"].path,
-            f["email"].line,
-            "alert emails need alerts.via, the account that sends them",
-        )
-    if not f["email"].present and not f["webhook"].present:
-        rd.warn(item.path, item.line, "neither email nor webhook: alerts only go to the log")
-    return AlertsConfig(via=via.lower() if via else None, email=email, webhook=webhook)
+    return read_alerts(rd, item, lambda address: _owned(tenants, address), whose="any tenant")
 
 
 def _metrics(rd: NodeReader, item: Item) -> MetricsConfig | None:

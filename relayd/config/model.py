@@ -272,13 +272,14 @@ class TenantConfig:
     # The template an address routed by `domains:` gets (app-only OAuth or capture).
     domain_account: AccountConfig | None
     where: str
+    alerts: AlertsConfig | None = None  # the tenant's own channels, besides the top-level ones
 
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    via: str | None
+    via: str | None  # the account that sends the alert emails
     email: str | None
-    webhook: str | None
+    webhook: Secret | None  # a secret value: a webhook URL is often its own credential
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from yaml.nodes import MappingNode
 
+from relayd.config.alerts import read_alerts
 from relayd.config.model import AccountConfig, AddressPattern, Secret, SentCopy, TenantConfig
 from relayd.config.presets import APP_ONLY_FLOWS, PRESETS, Preset
 from relayd.config.secrets import read_secret
@@ -49,6 +50,7 @@ TENANT_KEYS = (
     "from_name",
     "capture",
     "accounts",
+    "alerts",
 )
 ACCOUNT_KEYS = (
     "address",
@@ -212,6 +214,12 @@ def _read_tenant(
         rd.warn(
             item.path, item.line, "the tenant has no accounts and no domains: nothing routes to it"
         )
+    alerts = read_alerts(
+        rd,
+        f["alerts"],
+        lambda address: any(a.owns(address) for a in accounts),
+        whose=f"tenant {name}",
+    )
     return TenantConfig(
         name=name,
         provider=provider,
@@ -219,6 +227,7 @@ def _read_tenant(
         accounts=tuple(accounts),
         domain_account=domain_account,
         where=item.where,
+        alerts=alerts,
     )
 
 

@@ -2,10 +2,11 @@
 
 Channels (SPEC ``alerts:``): always the log; an email to ``alerts.email`` sent through the
 account named by ``alerts.via`` (spooled like any message, so it survives restarts and
-waits out an outage); a JSON POST to ``alerts.webhook``. An alert email about an account is
-only sent when ``alerts.via`` belongs to the same tenant: relayd never sends news about a
-tenant through another tenant's mailbox (SPEC "What it is"); such alerts go to the log and
-the webhook.
+waits out an outage); a JSON POST to ``alerts.webhook``. A tenant may have its own
+``alerts:`` too: alerts about its accounts go to the top-level channels and to its own. An
+alert email about an account is only sent when ``via`` belongs to the same tenant: relayd
+never sends news about a tenant through another tenant's mailbox (SPEC "What it is"); such
+alerts go to the log and the webhook.
 
 Incidents are keyed (``paused:<account>``, ``tls:<account>`` ...) and remembered in
 ``<state>/alerts.json``, so a restart does not repeat them. A paused account gets a reminder
@@ -32,7 +33,7 @@ from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
 
-from relayd.config.model import AccountConfig, Config
+from relayd.config.model import AccountConfig, AlertsConfig, Config
 from relayd.core.envelope import Envelope
 from relayd.core.routing import find_account
 from relayd.metrics import ALERTS
@@ -225,13 +226,23 @@ class Alerter:
     # -- channels -------------------------------------------------------------------------
 
     async def _deliver(self, alert: Alert, now: float) -> None:
-        settings = self.config.alerts
-        if settings is None:
-            return
-        if settings.email and settings.via:
-            await self._email(alert, settings.via, settings.email, now)
-        if settings.webhook:
-            await self._webhook(alert, settings.webhook, now)
+        emails: set[tuple[str, str]] = set()
+        webhooks: set[str] = set()
+        for channels in self._channels(alert):
+            if channels.email and channels.via and (channels.via, channels.email) not in emails:
+                emails.add((channels.via, channels.email))
+                await self._email(alert, channels.via, channels.email, now)
+            if channels.webhook and channels.webhook.reveal() not in webhooks:
+                webhooks.add(channels.webhook.reveal())
+                await self._webhook(alert, channels.webhook.reveal(), now)
+
+    def _channels(self, alert: Alert) -> list[AlertsConfig]:
+        """The top-level channels, then those of the alert's tenant (its own admin)."""
+        found = [self.config.alerts] if self.config.alerts else []
+        for tenant in self.config.tenants:
+            if tenant.name == alert.tenant and tenant.alerts is not None:
+                found.append(tenant.alerts)
+        return found
 
     def _email_refusal(self, alert: Alert, via: AccountConfig) -> str | None:
         if alert.tenant and alert.tenant != via.tenant:

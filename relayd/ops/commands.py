@@ -19,8 +19,9 @@ from typing import Any
 
 from relayd.config import load_for_command
 from relayd.config.model import Config
+from relayd.core.health import AccountHealth
 from relayd.ops.control import ControlError, DaemonNotRunning, call_daemon
-from relayd.ops.spoolview import QueueEntry, entries, find_entry
+from relayd.ops.spoolview import QueueEntry, entries, find_entry, next_try
 from relayd.ops.status import gather, render_table
 from relayd.queue import commands
 from relayd.queue.commands import CommandError, StoppedQueue
@@ -142,12 +143,19 @@ def _when(epoch: float | None) -> str:
     return "-" if not epoch else datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_list(found: list[QueueEntry], as_json: bool) -> None:
+def _with_next_try(entry: QueueEntry, health: dict[str, AccountHealth]) -> dict[str, Any]:
+    data = entry.to_dict()
+    nxt = next_try(entry, health.get(entry.envelope.account))
+    data["next_try_at"], data["waiting_for"] = nxt.at, nxt.waiting_for
+    return data
+
+
+def _print_list(found: list[QueueEntry], health: dict[str, AccountHealth], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([e.to_dict() for e in found], indent=2))
+        print(json.dumps([_with_next_try(e, health) for e in found], indent=2))
         return
     for e in found:
-        data = e.to_dict()
+        data = _with_next_try(e, health)
         hold = " (held by operator)" if e.state.operator_hold else ""
         print(
             f"{e.queue_id}  {e.queue.value:<8} {e.size:>9}  {_when(e.envelope.received_at)}  "
@@ -156,25 +164,27 @@ def _print_list(found: list[QueueEntry], as_json: bool) -> None:
         for rcpt in data["recipients"]:
             print(f"    to <{rcpt}>")
         if e.state.last_reply:
-            print(
-                f"    ({e.state.last_reply}; attempts {e.state.attempts}, "
-                f"next {_when(e.state.next_attempt_at)})"
-            )
+            print(f"    ({e.state.last_reply}; attempts {e.state.attempts})")
+        print(f"    next: {_when_next(data)}")
     print(f"-- {len(found)} messages")
 
 
-def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
+def _when_next(data: dict[str, Any]) -> str:
+    at = data["next_try_at"]
+    return data["waiting_for"] if at is None else f"{_when(at)} ({data['waiting_for']})"
+
+
+def _show(spool: Spool, queue_id: str, health: dict[str, AccountHealth], as_json: bool) -> int:
     entry = find_entry(spool, queue_id)
     if entry is None:
         print(f"error: {queue_id}: no such message", file=sys.stderr)
         return EXIT_FAILED
     content = spool.load(entry.queue_id, entry.queue).read_content()
+    data = _with_next_try(entry, health)
     if as_json:
-        data = entry.to_dict()
         data["content"] = content.decode("utf-8", "replace")
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    data = entry.to_dict()
     for key in (
         "id",
         "queue",
@@ -193,7 +203,7 @@ def _show(spool: Spool, queue_id: str, as_json: bool) -> int:
         value = data[key]
         print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
     print(f"received: {_when(entry.envelope.received_at)}")
-    print(f"next attempt: {_when(entry.state.next_attempt_at)}")
+    print(f"next attempt: {_when_next(data)}")
     print()
     sys.stdout.write(content.decode("utf-8", "replace").replace("\r\n", "\n"))
     return EXIT_OK
@@ -211,11 +221,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     spool = Spool(config.state_directory, fsync=True, key=spool_key(config.spool))
     try:
-        if action == "list":
-            _print_list(entries(spool, account=account), args.json)
+        if action in ("list", "show"):
+            # Account health is on disk, each change written as it happens: readable whether
+            # the daemon runs or not.
+            health = AccountStore(config.state_directory).load_all()
+            if action == "show":
+                return _show(spool, queue_id, health, args.json)
+            _print_list(entries(spool, account=account), health, args.json)
             return EXIT_OK
-        if action == "show":
-            return _show(spool, queue_id, args.json)
         arguments = {k: v for k, v in (("id", queue_id), ("account", account)) if v}
         try:
             result = _ask(config, action, arguments)

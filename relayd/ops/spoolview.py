@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from relayd.core.envelope import DeliveryState, Envelope
+from relayd.core.health import AccountHealth, AccountState
 from relayd.core.queues import WAITING, Queue
 from relayd.errors import SpoolError
 from relayd.spool.store import Spool
 
-__all__ = ["QueueCensus", "QueueEntry", "entries", "find_entry", "spool_bytes"]
+__all__ = [
+    "NextTry",
+    "QueueCensus",
+    "QueueEntry",
+    "entries",
+    "find_entry",
+    "next_try",
+    "spool_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,45 @@ class QueueEntry:
             "relay": state.relay,
             "is_dsn": env.is_dsn,
         }
+
+
+@dataclass(frozen=True)
+class NextTry:
+    """When a queued message is next tried (None: not on a timer) and what it waits for."""
+
+    at: float | None
+    waiting_for: str
+
+
+def next_try(entry: QueueEntry, health: AccountHealth | None) -> NextTry:
+    """The message's own retry time, or later when its account waits: an unhealthy account
+    is not tried before its next probe and a paused one holds its mail (SPEC "Delivery").
+    A lane's throttle pause lives in the daemon's memory only and is not shown here."""
+    state = entry.state
+    if entry.queue is Queue.COPY:
+        return NextTry(None, "delivered; its Sent copy is being filed")
+    if entry.queue is Queue.CORRUPT:
+        return NextTry(None, "quarantined: never sent")
+    if entry.queue is Queue.HOLD and (state.operator_hold or health is None or not health.paused):
+        return NextTry(None, "held by the operator until `relayd queue release`")
+    if health is not None and health.paused:
+        reason = f" ({health.reason})" if health.reason else ""
+        if health.operator_paused:
+            return NextTry(None, f"account paused by the operator{reason}")
+        return NextTry(
+            health.retry_at or None,
+            f"account paused{reason}: held until its credentials are fixed; the next probe "
+            "logs in to see",
+        )
+    at = state.next_attempt_at or None
+    unhealthy = health is not None and health.state is AccountState.UNHEALTHY
+    if unhealthy and health is not None and health.retry_at > (at or 0.0):
+        return NextTry(
+            health.retry_at, f"account unhealthy ({health.reason}): waiting for its next probe"
+        )
+    if entry.queue is Queue.INCOMING or at is None:
+        return NextTry(None, "now, as soon as a connection to its provider is free")
+    return NextTry(at, "its next retry")
 
 
 def _entry(spool: Spool, queue_id: str, queue: Queue) -> QueueEntry | None:

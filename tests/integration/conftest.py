@@ -197,6 +197,16 @@ Webhook = tuple[str, list[dict[str, Any]]]
 
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
+    yield from _serve_webhook()
+
+
+@pytest.fixture
+def tenant_webhook() -> Iterator[Webhook]:
+    """A second webhook endpoint: a tenant's own, beside the top-level one."""
+    yield from _serve_webhook()
+
+
+def _serve_webhook() -> Iterator[Webhook]:
     posts: list[dict[str, Any]] = []
     handler = type("Hook", (_Hook,), {"posts": posts})
     server = HTTPServer(("127.0.0.1", 0), handler)

@@ -132,6 +132,54 @@ def test_no_alert_email_through_another_tenants_mailbox(
     assert setup.relayd.stop() == 0
 
 
+def test_a_tenants_own_alerts_reach_its_admin_and_its_webhook(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    tmp_path: Path,
+    webhook: Webhook,
+    tenant_webhook: Webhook,
+) -> None:
+    url, posts = webhook
+    tenant_url, tenant_posts = tenant_webhook
+    broken, via, admin, other = (new_mailbox(p) for p in ("broken", "via", "admin", "other"))
+    acme = _tenant(
+        mail_world, [_account(tmp_path, broken, "wrong-password-3"), _account(tmp_path, via)]
+    )
+    # The tenant's webhook URL is a secret value, here a file beside the config.
+    acme["alerts"] = {
+        "via": via.address,
+        "email": admin.address,
+        "webhook": {"file": str(write_secret(tmp_path / "secrets" / "acme-hook", tenant_url))},
+    }
+    globex = _tenant(mail_world, [_account(tmp_path, other, "wrong-password-4")])
+    setup = relayd_setup(
+        {"acme": acme, "globex": globex}, may_send_as=[broken.address, other.address]
+    )
+    setup.config["alerts"] = {"webhook": url}
+    setup.rewrite_config()
+    setup.relayd.start()
+    for sender in (broken, other):
+        send(
+            setup.port,
+            sender.address,
+            [admin.address],
+            message(sender.address, admin.address, "held"),
+            login=("app", setup.client_password),
+        )
+    _wait(lambda: len(posts) >= 2, "the top-level webhook POSTs")
+    [alert] = mail_world.wait_for_messages(admin.name, 1, timeout=30)
+    assert b"Subject: [relayd] account " + broken.address.encode() + b" paused" in alert
+    assert b"From: relayd <" + via.address.encode() + b">" in alert
+    # The top-level channel hears about both tenants, acme's own only about acme.
+    assert sorted(p["account"] for p in posts) == sorted([broken.address, other.address])
+    assert [(p["tenant"], p["account"]) for p in tenant_posts] == [("acme", broken.address)]
+    time.sleep(2)  # nothing more arrives: globex's pause is not acme's business
+    assert len(tenant_posts) == 1 and len(mail_world.messages(admin.name)) == 1
+    assert tenant_url not in setup.relayd.log() and url not in setup.relayd.log()
+    assert setup.relayd.stop() == 0
+
+
 def _scrape(port: int, path: str) -> tuple[int, str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
         return response.status, response.read().decode()

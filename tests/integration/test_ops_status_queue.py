@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 from mailworld.world import MailWorld
+
+from relayd.spool.accounts import AccountStore
 
 from .conftest import NewMailbox, RelaydSetupFactory, RelayFor, custom_tenant
 from .ops_cli import relayd_cli, relayd_json, wait_until
@@ -71,6 +74,10 @@ def test_queue_commands_and_status_with_the_daemon_running(
     assert listed[0]["recipients"] == [rcpt.address] and listed[0]["queue"] == "deferred"
     shown = relayd_cli(setup.config_path, "queue", "show", first)
     assert shown.returncode == 0 and "Subject: first" in shown.stdout
+    # Retried after `retry.first` (1 h): queue show says when, and why then.
+    assert listed[0]["next_try_at"] > time.time() + 50 * 60
+    assert listed[0]["waiting_for"] == "its next retry"
+    assert "next attempt: " in shown.stdout and "(its next retry)" in shown.stdout
 
     assert relayd_cli(setup.config_path, "queue", "hold", first).returncode == 0
     assert spooled(state)["hold"] == [first]
@@ -130,6 +137,17 @@ def test_paused_account_status_and_release_with_the_daemon_stopped(
     wait_until(lambda: sorted(spooled(state)["hold"]) == sorted([held, doomed]), what="held")
     live = relayd_json(setup.config_path, "status")
     assert live["accounts"][0]["state"] == "paused"
+    # Held by the pause, not by a timer of its own: queue show names the pause and the
+    # probe that will look again.
+    entry = relayd_json(setup.config_path, "queue", "show", held)
+    assert entry["queue"] == "hold"
+    assert entry["waiting_for"].startswith("account paused (credentials refused: 535")
+    assert "held until its credentials are fixed" in entry["waiting_for"]
+    health = AccountStore(state).load(sender.address)
+    assert health.paused and health.retry_at > time.time()
+    assert entry["next_try_at"] == health.retry_at
+    shown = relayd_cli(setup.config_path, "queue", "show", held).stdout
+    assert "next attempt: " in shown and "account paused (credentials refused" in shown
     assert setup.relayd.stop() == 0
 
     # Stopped: status is read from the state directory.

@@ -15,6 +15,7 @@ from relayd.config.model import (
     ANONYMOUS,
     AccountConfig,
     AddressPattern,
+    AlertsConfig,
     ClientConfig,
     Config,
     Limits,
@@ -120,6 +121,7 @@ def make_tenant(
     accounts: Iterable[AccountConfig] = (),
     domains: Iterable[str] = (),
     domain_account: AccountConfig | None = None,
+    alerts: AlertsConfig | None = None,
 ) -> TenantConfig:
     patterns = tuple(domain_pattern(d) for d in domains)
     if patterns and domain_account is None:
@@ -131,6 +133,7 @@ def make_tenant(
         accounts=tuple(accounts),
         domain_account=domain_account,
         where=f"tenants.{name}: line 1",
+        alerts=alerts,
     )
 
 
@@ -159,6 +162,7 @@ def make_config(
     retry: RetryPolicy = DEFAULT_RETRY,
     state_directory: Path = Path("/nonexistent/state"),
     helo_name: str = "app01.acme.example",
+    alerts: AlertsConfig | None = None,
 ) -> Config:
     """A Config; an ``anonymous`` client that may send as nothing is added if none is given."""
     by_name = {c.name: c for c in clients}
@@ -180,7 +184,7 @@ def make_config(
         ),
         tokens_key=None,
         tenants=tuple(tenants),
-        alerts=None,
+        alerts=alerts,
         metrics=None,
     )
 

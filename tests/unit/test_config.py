@@ -177,7 +177,7 @@ tenants:
         (
             ACCOUNT + "    domain: [example.com]\n",
             "tenants.t.domain: line 7: unknown key; allowed keys: provider, domains, smtp, imap, "
-            "oauth, limits, sent_copy, from_name, capture, accounts",
+            "oauth, limits, sent_copy, from_name, capture, accounts, alerts",
         ),
         (
             ACCOUNT + "        passwd: x\n",
@@ -1353,7 +1353,8 @@ def test_imap_without_tls_refused(tmp_path: Path) -> None:
 # -- alerts, metrics, YAML features -----------------------------------------------------------
 
 
-def test_alerts_and_metrics(tmp_path: Path) -> None:
+def test_alerts_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK", "https://hooks.example/relayd/T0KEN\n")
     config = load(
         tmp_path,
         ACCOUNT
@@ -1361,23 +1362,86 @@ def test_alerts_and_metrics(tmp_path: Path) -> None:
 alerts:
   via: A@example.com
   email: ops@example.com
-  webhook: https://hooks.example/relayd
+  webhook: {env: HOOK}
 metrics: {address: "[::1]:9425"}
 """,
     )
-    assert config.alerts is not None
-    assert (config.alerts.via, config.alerts.email, config.alerts.webhook) == (
+    assert config.alerts is not None and config.alerts.webhook is not None
+    assert (config.alerts.via, config.alerts.email, config.alerts.webhook.reveal()) == (
         "a@example.com",
         "ops@example.com",
-        "https://hooks.example/relayd",
+        "https://hooks.example/relayd/T0KEN",
     )
+    assert "T0KEN" not in repr(config.alerts)
     assert config.metrics is not None and (config.metrics.address, config.metrics.port) == (
         "::1",
         9425,
     )
+    assert config.warnings == ()
     assert problems(
         tmp_path, ACCOUNT + "alerts:\n  via: nobody@example.com\n  email: ops@example.com\n"
     ) == ["alerts.via: line 8: nobody@example.com is not an account (or alias) of any tenant"]
+
+
+def test_alerts_webhook_is_a_secret_value(tmp_path: Path) -> None:
+    # Written in the file, it still works, with the warning every literal secret gets.
+    config = load(tmp_path, ACCOUNT + "alerts:\n  webhook: https://hooks.example/x\n")
+    assert config.alerts is not None and config.alerts.webhook is not None
+    assert config.alerts.webhook.reveal() == "https://hooks.example/x"
+    assert [w for w in config.warnings if w.startswith("alerts.webhook")] == [
+        "alerts.webhook: line 8: secret written in the config file itself; keep it in a file "
+        "({file: PATH}, mode 0640) or a systemd credential ({credential: NAME}) instead"
+    ]
+    # A source holding something else is named, and its content is not shown.
+    hook = tmp_path / "hook"
+    hook.write_text(SECRET + "\n")
+    hook.chmod(0o600)
+    assert problems(tmp_path, ACCOUNT + f"alerts:\n  webhook: {{file: {hook}}}\n") == [
+        f"alerts.webhook: line 8: file:{hook} is not an http(s) URL"
+    ]
+
+
+TENANT_ALERTS = """
+tenants:
+  acme:
+    provider: gmail
+    accounts:
+      - address: billing@acme.example
+        password: {env: PW}
+    alerts:
+      via: billing@acme.example
+      email: it@acme.example
+      webhook: {env: HOOK}
+  globex:
+    provider: gmail
+    accounts:
+      - address: sales@globex.example
+        password: {env: PW}
+"""
+
+
+def test_a_tenant_has_its_own_alerts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK", "https://hooks.acme.example/relayd")
+    config = load(tmp_path, TENANT_ALERTS)
+    acme, globex = config.tenants
+    assert config.alerts is None and globex.alerts is None
+    assert acme.alerts is not None and acme.alerts.webhook is not None
+    assert (acme.alerts.via, acme.alerts.email, acme.alerts.webhook.reveal()) == (
+        "billing@acme.example",
+        "it@acme.example",
+        "https://hooks.acme.example/relayd",
+    )
+    # Its alert emails go through one of its own mailboxes, never another tenant's.
+    other = TENANT_ALERTS.replace("via: billing@acme.example", "via: sales@globex.example")
+    assert problems(tmp_path, other) == [
+        "tenants.acme.alerts.via: line 8: sales@globex.example is not an account (or alias) of "
+        "tenant acme"
+    ]
+    no_via = TENANT_ALERTS.replace("      via: billing@acme.example\n", "")
+    assert problems(tmp_path, no_via) == [
+        "tenants.acme.alerts.email: line 8: alert emails need via, an account of tenant acme "
+        "that sends them"
+    ]
 
 
 # -- web: the connect and operator pages ------------------------------------------------------

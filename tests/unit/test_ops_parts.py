@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from factories import make_account, make_config
+from factories import make_account, make_config, make_envelope, make_tenant
 
+from relayd.config.model import AlertsConfig, Secret
+from relayd.core.envelope import DeliveryState
+from relayd.core.health import AccountHealth, AccountState
 from relayd.core.hints import hint_for
 from relayd.core.outcome import Failure, FailureKind, Phase, Reply
+from relayd.core.queues import Queue
 from relayd.inbound.maildrop import Drop, encode_drop, parse_drop
 from relayd.metrics import Registry
-from relayd.ops.alerts import Alert, IncidentBook
+from relayd.ops.alerts import Alert, Alerter, IncidentBook, paused_alert
 from relayd.ops.service import OperatorEvents
+from relayd.ops.spoolview import NextTry, QueueEntry, next_try
+from relayd.spool.store import Spool
 
 
 @pytest.mark.parametrize(
@@ -114,3 +122,98 @@ def test_tls_failures_are_recognised_by_their_kind() -> None:
     events.connection_failed(account, Failure(Phase.CONNECT, FailureKind.NETWORK, "refused"))
     events.connection_failed(account, Reply(554, "5.7.0 TLS handshake failed, go away"))
     assert alerts.raised == ["tls_failed", "tls_failed"]  # no TLS failure: no alert
+
+
+async def test_a_tenants_alerts_go_to_its_own_channels_and_the_top_level_ones(
+    tmp_path: Path,
+) -> None:
+    billing = make_account("billing@acme.example", tenant="acme")
+    sales = make_account("sales@globex.example", tenant="globex")
+    top = AlertsConfig(
+        via=None, email=None, webhook=Secret("https://hooks.ops.example/all", "literal")
+    )
+    acme_alerts = AlertsConfig(
+        via="billing@acme.example",
+        email="it@acme.example",
+        webhook=Secret("https://hooks.acme.example/relayd", "env:HOOK"),
+    )
+    config = make_config(
+        tenants=[
+            make_tenant("acme", accounts=[billing], alerts=acme_alerts),
+            make_tenant("globex", accounts=[sales]),
+        ],
+        alerts=top,
+        state_directory=tmp_path,
+    )
+    posted: list[tuple[str, str]] = []
+    queued: list[tuple[str, str | None]] = []
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.prepare()
+
+    def post(url: str, payload: dict[str, Any]) -> int:
+        posted.append((url, payload["account"]))
+        return 204
+
+    alerter = Alerter(
+        config, spool, lambda queue_id, account: queued.append((queue_id, account)), post=post
+    )
+    assert alerter.raise_alert(paused_alert(sales, "535 5.7.8 refused"))
+    await alerter.drain()
+    assert (posted, queued) == ([("https://hooks.ops.example/all", "sales@globex.example")], [])
+
+    assert alerter.raise_alert(paused_alert(billing, "535 5.7.8 refused"))
+    await alerter.drain()
+    assert posted[1:] == [
+        ("https://hooks.ops.example/all", "billing@acme.example"),
+        ("https://hooks.acme.example/relayd", "billing@acme.example"),
+    ]
+    # The email to the tenant's admin is spooled, from the tenant's own mailbox... which is
+    # the paused one here, so it is not sent through it (it would wait in the same lane).
+    assert queued == []
+
+    other = make_account("ops@acme.example", tenant="acme")
+    assert alerter.raise_alert(paused_alert(other, "535 5.7.8 refused"))
+    await alerter.drain()
+    assert [account for _, account in queued] == ["billing@acme.example"]
+    envelope = spool.load(queued[0][0], Queue.INCOMING).envelope
+    assert (envelope.sender, envelope.recipients) == ("billing@acme.example", ("it@acme.example",))
+
+
+def _queued(queue: Queue, **state: Any) -> QueueEntry:
+    return QueueEntry("Q1", queue, make_envelope(), DeliveryState(**state), 100)
+
+
+def test_next_try_says_when_and_what_a_message_waits_for() -> None:
+    address = make_envelope().account
+    ok = AccountHealth(address=address)
+    unhealthy = AccountHealth(
+        address=address, state=AccountState.UNHEALTHY, reason="connection refused", retry_at=900.0
+    )
+    paused = AccountHealth(
+        address=address, state=AccountState.PAUSED, reason="credentials refused", retry_at=700.0
+    )
+    deferred = _queued(Queue.DEFERRED, attempts=1, next_attempt_at=500.0)
+    assert next_try(deferred, ok) == NextTry(500.0, "its next retry")
+    assert next_try(deferred, None) == NextTry(500.0, "its next retry")
+    # An unhealthy account is not tried before its probe, whatever the message's own time.
+    assert next_try(deferred, unhealthy) == NextTry(
+        900.0, "account unhealthy (connection refused): waiting for its next probe"
+    )
+    late = _queued(Queue.DEFERRED, attempts=3, next_attempt_at=1000.0)
+    assert next_try(late, unhealthy) == NextTry(1000.0, "its next retry")
+    assert next_try(_queued(Queue.INCOMING), ok).at is None
+    held = _queued(Queue.HOLD, attempts=2)
+    assert next_try(held, paused) == NextTry(
+        700.0,
+        "account paused (credentials refused): held until its credentials are fixed; the next "
+        "probe logs in to see",
+    )
+    by_operator = _queued(Queue.HOLD, operator_hold=True)
+    assert next_try(by_operator, paused).waiting_for.startswith("held by the operator")
+    assert next_try(by_operator, ok) == NextTry(
+        None, "held by the operator until `relayd queue release`"
+    )
+    operator_paused = replace(paused, operator_paused=True)
+    assert next_try(held, operator_paused) == NextTry(
+        None, "account paused by the operator (credentials refused)"
+    )
