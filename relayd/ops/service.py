@@ -94,7 +94,7 @@ class OperatorEvents(DeliveryEvents, FilingEvents):
 
     def connection_failed(self, account: AccountConfig, cause: Reply | Failure) -> None:
         # A certificate, a handshake or a STARTTLS no longer offered: never retried in plain
-        # text, so a human must look (reliability: an upstream that stops offering TLS).
+        # text, so a human must look (a STARTTLS that disappears is a downgrade: RFC 3207 §6).
         if isinstance(cause, Failure) and cause.kind in (FailureKind.TLS, FailureKind.NO_STARTTLS):
             self.alert(alert_texts.tls_alert(account, str(cause)))
 

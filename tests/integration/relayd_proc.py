@@ -139,7 +139,7 @@ class Relayd:
             raise AssertionError(f"relayd did not stop on SIGTERM:\n{self.log()}") from None
 
     def kill(self) -> None:
-        """SIGKILL to the whole process group: the crash of reliability.md."""
+        """SIGKILL to the whole process group: a power cut, as far as relayd can tell."""
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -787,7 +787,7 @@ def test_microsoft_browser_consent_returns_to_the_loopback_address(
 
 def test_no_token_of_this_module_in_any_log(mail_world: MailWorld, oauth: OAuthServer) -> None:
     """Every access and refresh token the token server issued in this session: in no relayd
-    log, neither raw nor base64 nor as an XOAUTH2 payload (reliability.md case 21)."""
+    log, neither raw nor base64 nor as an XOAUTH2 payload."""
     issued = [*oauth.state.access, *oauth.state.refresh]
     assert len(issued) > 10
     texts = {str(p): p.read_text(errors="replace") for p in ALL_LOGS if p.exists()}

@@ -239,7 +239,7 @@ def test_connections_are_reused_and_capped_per_account(
 def test_sigkill_right_after_the_final_dot_leaves_whole_or_nothing(
     mail_world: MailWorld, new_mailbox: NewMailbox, relay_for: RelayFor
 ) -> None:
-    """reliability.md case 1: a crash between "." and the 250 never leaves a partial message."""
+    """A crash between "." and the 250 never leaves a partial message (RFC 5321 §6.1)."""
     sender, rcpt = new_mailbox("crash"), new_mailbox("rcpt")
     setup = relay_for(sender)
     big_body = b"".join(b"line %06d " % i + b"y" * 90 + b"\r\n" for i in range(20000))  # ~2 MB

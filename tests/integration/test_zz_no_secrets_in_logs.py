@@ -1,4 +1,4 @@
-"""No password, token or AUTH payload in any log the suite produced (reliability.md case 21)."""
+"""No password, token or AUTH payload in any log the suite produced."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ DECODE_CASES = [
     (b"a\r\r\n", b"a\r\n\r\n"),
     (b"a\n\r\n", b"a\r\n\r\n"),
     (b"\n\r", b"\r\n\r\n"),
-    # the smuggling sequences of reliability.md case 15 are content, unstuffed
+    # SMTP smuggling sequences (bare LF or CR around the dot) are content, unstuffed
     (b"a\n.\nb\r\n", b"a\r\n\r\nb\r\n"),
     (b"a\n.\r\nb\r\n", b"a\r\n\r\nb\r\n"),
     (b"a\r.\r\nb\r\n", b"a\r\n\r\nb\r\n"),

@@ -1,4 +1,4 @@
-"""The durable spool: what a 250 promises (SPEC "SMTP towards clients", reliability.md)."""
+"""The durable spool: what a 250 promises (SPEC "SMTP towards clients", RFC 5321 §6.1)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def account(provider: str, sent_copy: SentCopy, *, imap: bool = True) -> Account
 @pytest.mark.parametrize(
     ("provider", "sent_copy", "expected"),
     [
-        # auto: skip the providers that file SMTP mail in Sent themselves (providers.md).
+        # auto: skip the providers that file SMTP mail in Sent themselves (Gmail, Microsoft 365).
         ("gmail", SentCopy.AUTO, Filing.NONE),
         ("google-workspace", SentCopy.AUTO, Filing.NONE),
         ("microsoft365", SentCopy.AUTO, Filing.NONE),
