@@ -123,6 +123,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reloads = TaskSet()
         # Control socket, submit.sock + maildrop, alerts, metrics, the web pages, STATUS=.
+        self._stores_seen: object = None  # the token/password stores as last seen
         self.ops = Operations(
             config=config,
             started_at=self.started_at,
@@ -132,6 +133,7 @@ class Daemon:
             alerter=self.alerter,
             reload=self.reload,
             credentials=self.credentials,
+            credentials_changed=self._credentials_changed,
         )
 
     def _accepted(self, queue_id: str, account: str | None) -> None:
@@ -291,19 +293,25 @@ class Daemon:
     def _stores_snapshot(self) -> tuple[object, ...]:
         return (self.token_store.snapshot(), self.passwords.store.snapshot())
 
+    def _credentials_changed(self, snapshot: object = None) -> None:
+        """New or deleted tokens or passwords: drop what was cached and logged in with the
+        old ones and give paused accounts their chance. The connect page calls this at once
+        (so the page it shows next is true); the watcher for `relayd auth` in a shell."""
+        log.info("stored tokens or passwords changed: logging in afresh")
+        self.tokens.forget()
+        self.scheduler.credentials_changed()
+        self._stores_seen = snapshot if snapshot is not None else self._stores_snapshot()
+
     async def _watch_token_store(self) -> None:
         """A new consent (`relayd auth`, or the web connect page: tokens or an app password)
         resumes a paused account and releases its held mail without a restart: its consent
         id enters the credentials fingerprint."""
-        seen: object = None
         while True:
             try:
                 now = await asyncio.to_thread(self._stores_snapshot)
-                if seen is not None and now != seen:
-                    log.info("stored tokens or passwords changed: logging in afresh")
-                    self.tokens.forget()
-                    self.scheduler.credentials_changed()
-                seen = now
+                if self._stores_seen is not None and now != self._stores_seen:
+                    self._credentials_changed(now)
+                self._stores_seen = now
             except Exception:  # one round's trouble (an unreadable directory, say)
                 log.exception("cannot look at the token store; trying again")
             await asyncio.sleep(TOKEN_STORE_POLL_SECONDS)

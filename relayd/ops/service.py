@@ -130,9 +130,11 @@ class Operations:
         alerter: Alerter,
         reload: Callable[[], Awaitable[list[str] | None]],
         credentials: CredentialSource,
+        credentials_changed: Callable[[], None],
     ) -> None:
         """``reload``: the daemon's reload; True if the new configuration is in force.
-        ``credentials``: the daemon's logins, for the web page's test messages."""
+        ``credentials``: the daemon's logins, for the web page's test messages;
+        ``credentials_changed``: the connect page stored tokens or a password."""
         self.config = config
         self.started_at = started_at
         self.spool = spool
@@ -141,6 +143,7 @@ class Operations:
         self.alerter = alerter
         self.reload = reload
         self.credentials = credentials
+        self.credentials_changed = credentials_changed
         self.census = QueueCensus(spool)
         self.control: ControlServer | None = None
         self.submit_listener: Listeners | None = None
@@ -309,6 +312,7 @@ class Operations:
             registry=REGISTRY,
             healthy=self._healthy,
             released=lambda address: self.alerter.close(f"paused:{address}"),
+            stored=self.credentials_changed,
         )
         try:
             await self.web.start()

@@ -49,10 +49,20 @@ _ASK_AGAIN = "Ask the administrator of relayd for a new link."
 
 
 class ConnectPages:
-    def __init__(self, ctx: WebContext, *, credentials: CredentialSource, facts: Facts) -> None:
+    def __init__(
+        self,
+        ctx: WebContext,
+        *,
+        credentials: CredentialSource,
+        facts: Facts,
+        stored: Callable[[], None],
+    ) -> None:
         self.ctx = ctx
         self.credentials = credentials  # the daemon's: the test message
         self.facts = facts
+        # Tells the daemon at once, so the account state shown next already counts the new
+        # consent (held mail released) rather than the pause it replaces.
+        self.stored = stored
 
     def routes(self) -> list[web.RouteDef]:
         base = self.ctx.base
@@ -303,6 +313,7 @@ class ConnectPages:
             self._not_stored(session, account, f"relayd could not store the tokens: {exc}")
             return ctx.redirect(self._here())
         self._use_link(session)
+        self.stored()
         log.info(
             "connected on the web page: OAuth tokens stored (signed in as %s)",
             identity.who,
@@ -370,6 +381,7 @@ class ConnectPages:
             self._not_stored(session, account, f"relayd could not store the password: {exc}")
             return ctx.redirect(self._here())
         self._use_link(session)
+        self.stored()
         log.info(
             "connected on the web page: app password tested (%s) and stored",
             result.step,

@@ -58,12 +58,14 @@ class WebService:
         registry: Registry,
         healthy: Healthy,
         released: Callable[[str], None],
+        stored: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``stored``: the connect page saved tokens or an app password."""
         assert config.web is not None
         self.ctx = WebContext(config, clock=clock)
         self.settings = config.web
-        self.connect = ConnectPages(self.ctx, credentials=credentials, facts=facts)
+        self.connect = ConnectPages(self.ctx, credentials=credentials, facts=facts, stored=stored)
         self.operator = OperatorPage(self.ctx, scheduler=scheduler, facts=facts, released=released)
         self.registry = registry
         self.healthy = healthy
