@@ -733,6 +733,9 @@ def test_revoke_deletes_the_tokens_revokes_them_and_holds_the_mail(
     wait_until(lambda: spooled(setup.dir / "state")["hold"] == [held], 30, "the held mail")
     assert len(mail_world.messages(rcpt.name)) == 1
     assert sasl_logins(mail_world, bob.address) == ["XOAUTH2"]  # no login without tokens
+    # Said as what it is: relayd has no consent; no server answered 535.
+    log = setup.relayd.log()
+    assert "no consent from the mailbox owner" in log and " 535" not in log
     # ... until the owner consents again, when it goes out by itself.
     assert google_consent_by_paste(setup, mail_world, bob.address).returncode == 0
     mail_world.wait_for_messages(rcpt.name, 2, timeout=30)

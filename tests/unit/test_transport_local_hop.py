@@ -103,3 +103,6 @@ async def test_positive_reply_to_auth_is_not_a_delivery(
     assert [r.verdict for r in report.results] == [Verdict.DEFERRED]
     assert recorder.messages == []
     assert session is None
+    # Said as what went wrong, not as "status=deferred (250 2.0.0 Ok)".
+    assert "login failed: AUTH answered 250, expected 235" in report.detail
+    assert "login failed: AUTH answered 250" in report.results[0].reply
