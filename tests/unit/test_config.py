@@ -177,12 +177,14 @@ tenants:
         (
             ACCOUNT + "    domain: [example.com]\n",
             "tenants.t.domain: line 7: unknown key; allowed keys: provider, domains, smtp, imap, "
-            "oauth, limits, sent_copy, from_name, capture, accounts",
+            "oauth, limits, sent_copy, from_name, capture, transport, graph_url, gmail_url, "
+            "accounts",
         ),
         (
             ACCOUNT + "        passwd: x\n",
             "tenants.t.accounts[0].passwd: line 7: unknown key; allowed keys: address, username, "
-            "password, oauth, smtp, imap, limits, sent_copy, from_name, aliases",
+            "password, oauth, smtp, imap, limits, sent_copy, from_name, aliases, transport, "
+            "graph_url, gmail_url",
         ),
         (
             ACCOUNT + "        smtp: {hostname: x}\n",
