@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -37,9 +38,20 @@ from relayd.upstream.credentials import Credential, CredentialSource
 from relayd.upstream.dataphase import ContentSource
 from relayd.upstream.transport import DEFAULT_TIMEOUTS, AttemptError, Timeouts, TransactionResult
 
-__all__ = ["ApiClients", "HttpApiTransport"]
+__all__ = ["TIMEOUT_ENV", "ApiClients", "HttpApiTransport"]
 
 log = logging.getLogger(__name__)
+
+#: Test-only: seconds a send request may take in all (instead of the DATA timeout), so that
+#: a test of an endpoint that never answers need not wait minutes. Never set in production.
+TIMEOUT_ENV = "RELAYD_TEST_API_TIMEOUT"
+
+
+def _request_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    total = float(os.environ.get(TIMEOUT_ENV) or timeouts.data)
+    return aiohttp.ClientTimeout(
+        total=total, connect=timeouts.connect, sock_connect=timeouts.connect
+    )
 
 
 class ApiClients:
@@ -190,8 +202,7 @@ class HttpApiTransport:
         session = self.clients.session(
             self.base_url, self.account.oauth.ca_file if self.account.oauth else None
         )
-        t = self.timeouts
-        timeout = aiohttp.ClientTimeout(total=t.data, connect=t.connect, sock_connect=t.connect)
+        timeout = _request_timeout(self.timeouts)
         headers = {
             "Authorization": f"Bearer {credential.secret}",
             "Content-Type": content_type,
