@@ -64,7 +64,7 @@ def graph_tenant(
     secrets: Path,
     *,
     delegated: list[str],
-    app_only: list[str] = (),  # type: ignore[assignment]
+    app_only: tuple[str, ...] = (),
     limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     secret = write_secret(secrets / "ms-app-secret", APP_SECRET)
@@ -145,8 +145,8 @@ def gmail_tenant(
 
 
 def mime(
-    sender: str, to: list[str], subject: str, *, cc: list[str] = (), body: bytes = b""
-) -> bytes:  # type: ignore[assignment]
+    sender: str, to: list[str], subject: str, *, cc: tuple[str, ...] = (), body: bytes = b""
+) -> bytes:
     head = f"From: Sender <{sender}>\r\nTo: {', '.join(f'<{t}>' for t in to)}\r\n"
     if cc:
         head += f"Cc: {', '.join(cc)}\r\n"
@@ -220,7 +220,7 @@ def test_graph_delegated_and_app_only_deliver_byte_identical_with_the_endpoints_
         graph,
         tmp_path / "secrets",
         delegated=[alice.address],
-        app_only=[bob.address],
+        app_only=(bob.address,),
     )
     setup = relayd_setup({"ms": tenant}, may_send_as=[alice.address, bob.address])
     seed(setup, oauth, alice.address, MS_CLIENT)
@@ -300,7 +300,7 @@ def test_envelope_is_authoritative_bcc_only_recipient_gets_it_header_only_addres
     seed(setup, oauth, alice.address, MS_CLIENT)
     setup.relayd.start()
     # The envelope: To and a Bcc-style recipient; the header names someone not in it.
-    data = mime(alice.address, [to.address], "envelope rules", cc=[outsider.address])
+    data = mime(alice.address, [to.address], "envelope rules", cc=(outsider.address,))
     queued(setup, alice.address, [to.address, hidden.address], data)
     [at_to] = mail_world.wait_for_messages(to.name, 1)
     [at_hidden] = mail_world.wait_for_messages(hidden.name, 1)
@@ -402,7 +402,7 @@ def test_403_pauses_the_account_with_one_alert_naming_the_permission(
 ) -> None:
     bob, rcpt = new_mailbox("g403"), new_mailbox("rcpt")
     tenant = graph_tenant(
-        mail_world, oauth, graph, tmp_path / "secrets", delegated=[], app_only=[bob.address]
+        mail_world, oauth, graph, tmp_path / "secrets", delegated=[], app_only=(bob.address,)
     )
     setup = relayd_setup({"ms": tenant}, may_send_as=[bob.address])
     url, posts = webhook
