@@ -128,6 +128,11 @@ class UpstreamDeliverer:
             account, helo_name=self.helo_name, credentials=self.credentials, timeouts=self.timeouts
         )
 
+    async def aclose(self) -> None:
+        """Close the pooled HTTP clients of the send APIs, if any were made."""
+        if self._api_clients is not None:
+            await self._api_clients.close()
+
     async def attempt(
         self,
         account: AccountConfig,

@@ -588,3 +588,44 @@ def test_100_messages_to_one_graph_mailbox_never_exceed_4_concurrent_requests(
     assert 1 < peak <= 4, peak
     print(f"100 messages: peak {peak} concurrent requests at the Graph endpoint")
     assert setup.relayd.stop() == 0
+
+
+def test_relayd_test_on_graph_and_gmail_api_accounts_gets_a_token_and_sends(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,  # noqa: F811
+    graph: SendApi,
+    gmail: SendApi,
+    tmp_path: Path,
+) -> None:
+    alice, carol, rcpt = new_mailbox("tgr"), new_mailbox("tgm"), new_mailbox("rcpt")
+    secrets = tmp_path / "secrets"
+    setup = relayd_setup(
+        {
+            "ms": graph_tenant(mail_world, oauth, graph, secrets, delegated=[alice.address]),
+            "g": gmail_tenant(
+                mail_world, oauth, gmail, secrets, installed=[carol.address], service_account=[]
+            ),
+        },
+        may_send_as=[alice.address, carol.address],
+    )
+    seed(setup, oauth, alice.address, MS_CLIENT)
+    seed(setup, oauth, carol.address, GOOGLE_CLIENT)
+    expected = {
+        alice.address: (graph, "https://graph.microsoft.com/Mail.Send", "Microsoft Graph"),
+        carol.address: (gmail, "https://www.googleapis.com/auth/gmail.send", "Gmail API"),
+    }
+    for address, (api, scope, label) in expected.items():
+        result = relayd_cli(setup.config_path, "test", address, "--send-to", rcpt.address)
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = result.stdout
+        assert "[ok]   token" in out and scope in out
+        assert f"[ok]   send   test message to <{rcpt.address}>" in out and label in out
+        assert "IMAP" in out and "no IMAP" in out
+        assert [r.status for r in api.requests(address)] in ([202], [200])
+    got = mail_world.wait_for_messages(rcpt.name, 2)
+    assert all(b"Subject: relayd test message" in m for m in got)
+    for box in (alice, carol):
+        assert len(mail_world.messages(box.name, "Sent")) == 1
+        assert imap_logins(mail_world, box.address) == []
