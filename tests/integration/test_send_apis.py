@@ -7,6 +7,7 @@ and file the Sent copy themselves.
 from __future__ import annotations
 
 import json
+import os
 import re
 import smtplib
 import time
@@ -21,6 +22,8 @@ from mailworld.oauth_server import OAuthServer
 from mailworld.send_apis import Injected, SendApi
 from mailworld.world import MailWorld
 
+from relayd.oauth.store import StoredTokens, new_consent_id
+
 from .conftest import NewMailbox, RelaydSetup, RelaydSetupFactory, Webhook
 from .ops_cli import relayd_cli, relayd_json, wait_until
 from .relayd_proc import write_secret
@@ -32,6 +35,8 @@ from .test_oauth import (
     MS_CLIENT,
     oauth,  # noqa: F401 - the fixture
     seed,
+    start_auth,
+    store_of,
 )
 from .test_relay_delivery import spooled
 
@@ -629,3 +634,59 @@ def test_relayd_test_on_graph_and_gmail_api_accounts_gets_a_token_and_sends(
     for box in (alice, carol):
         assert len(mail_world.messages(box.name, "Sent")) == 1
         assert imap_logins(mail_world, box.address) == []
+
+
+def test_switching_to_graph_with_smtp_tokens_needs_consent_for_graph_then_delivers(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,  # noqa: F811
+    graph: SendApi,
+    tmp_path: Path,
+) -> None:
+    alice, rcpt = new_mailbox("gsw"), new_mailbox("rcpt")
+    tenant = graph_tenant(mail_world, oauth, graph, tmp_path / "secrets", delegated=[alice.address])
+    setup = relayd_setup({"ms": tenant}, may_send_as=[alice.address])
+    # What `relayd auth` stored while the account still used SMTP (its default scopes).
+    store_of(setup).save(
+        StoredTokens(
+            address=alice.address,
+            flow="delegated",
+            refresh_token=oauth.issue_refresh_token(alice.address, MS_CLIENT),
+            consent_id=new_consent_id(),
+            updated_at=time.time(),
+            scopes=[],
+        )
+    )
+    setup.relayd.start()
+    queued(setup, alice.address, [rcpt.address], mime(alice.address, [rcpt.address], "switched"))
+    setup.relayd.wait_for_log("ALERT account paused")
+    [account] = relayd_json(setup.config_path, "status")["accounts"]
+    assert account["state"] == "needs consent"
+    assert f"run `relayd auth {alice.address}` again for Graph" in account["why"]
+    assert graph.requests() == []  # nothing offered to Graph with a token for Outlook SMTP
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    auth = start_auth(setup, alice.address, "--device-code", env=env)
+    try:
+        assert auth.stdout is not None
+        shown = ""
+        while not re.search(r"^\s+[A-Z]{8}$", shown, re.M):
+            line = auth.stdout.readline()
+            assert line, f"relayd auth ended early:\n{shown}"
+            shown += line
+        code = re.search(r"^\s+([A-Z]{8})$", shown, re.M).group(1)  # type: ignore[union-attr]
+        with oauth._lock:
+            [device] = [d for d in oauth.state.devices.values() if d.user_code == code]
+        # relayd auth asks for the account's transport's scope, not SMTP's.
+        assert "https://graph.microsoft.com/Mail.Send" in device.scope.split()
+        assert "https://outlook.office.com/SMTP.Send" not in device.scope
+        oauth.approve_device_code(code, alice.address)
+        rest, _ = auth.communicate(timeout=60)
+    finally:
+        if auth.poll() is None:
+            auth.kill()
+    assert auth.returncode == 0, shown + rest
+    mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
+    assert [r.status for r in graph.requests(alice.address)] == [202]
+    assert setup.relayd.stop() == 0
