@@ -301,8 +301,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         del format, args
 
+    _current: Seen | None = None
+
     def _send(self, status: int, doc: dict[str, Any] | None, headers: dict[str, str]) -> None:
         body = json.dumps(doc).encode() if doc is not None else b""
+        if self._current is not None:
+            # Recorded before the answer is written: once the client has it, the test sees
+            # it too (and the client cannot send its next request on this slot before).
+            self.server.api._end(self._current, status)
+            self._current = None
         self.send_response(status)
         if doc is not None:
             self.send_header("Content-Type", "application/json")
@@ -334,12 +341,13 @@ class _Handler(BaseHTTPRequestHandler):
         if mailbox is None:
             self._send(404, {"error": {"code": "NotFound", "message": self.path}}, {})
             return
-        seen = api._begin(mailbox)
-        status = 0
+        self._current = api._begin(mailbox)
         try:
-            status = self._answer(api, mailbox, body)
+            self._answer(api, mailbox, body)
         finally:
-            api._end(seen, status)
+            if self._current is not None:  # never answered (a stall)
+                api._end(self._current, 0)
+                self._current = None
 
     def _answer(self, api: SendApi, mailbox: str, body: bytes) -> int:
         injected = api._take_injected(mailbox)
