@@ -700,3 +700,35 @@ def test_switching_to_graph_with_smtp_tokens_needs_consent_for_graph_then_delive
     mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
     assert answered(graph, alice.address) == [202]
     assert setup.relayd.stop() == 0
+
+
+def test_gmail_token_without_the_send_scope_pauses_with_the_scope_to_grant(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    relayd_setup: RelaydSetupFactory,
+    oauth: OAuthServer,  # noqa: F811
+    gmail: SendApi,
+    tmp_path: Path,
+) -> None:
+    dave, rcpt = new_mailbox("gscope"), new_mailbox("rcpt")
+    tenant = gmail_tenant(
+        mail_world, oauth, gmail, tmp_path / "secrets", installed=[], service_account=[dave.address]
+    )
+    # Domain-wide delegation granted for another scope: the endpoint itself refuses the
+    # token (no injected reply), as Gmail does with insufficientPermissions.
+    tenant["accounts"][0]["oauth"]["scopes"] = ["https://www.googleapis.com/auth/gmail.readonly"]
+    setup = relayd_setup({"g": tenant}, may_send_as=[dave.address])
+    setup.relayd.start()
+    queued(setup, dave.address, [rcpt.address], mime(dave.address, [rcpt.address], "no scope"))
+    setup.relayd.wait_for_log("ALERT account paused")
+    [account] = relayd_json(setup.config_path, "status")["accounts"]
+    assert account["state"] == "paused"
+    assert "insufficientPermissions" in account["why"]
+    assert (
+        "https://www.googleapis.com/auth/gmail.send under domain-wide delegation"
+        in (account["why"])
+    )
+    assert answered(gmail, dave.address) == [403]
+    assert mail_world.messages(rcpt.name) == []
+    assert spooled(setup.dir / "state")["hold"]
+    assert setup.relayd.stop() == 0
