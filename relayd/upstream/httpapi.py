@@ -173,8 +173,10 @@ class HttpApiTransport:
         url, body, content_type = self._request(reconciled.content)
         refreshed = Refreshed.NOT_YET
         while True:
-            if self._credential is None:
-                await self.open()
+            # Every request carries a bearer token, unlike an SMTP session that logged in
+            # once: ask for it each time (the registry hands out its cached token, refreshed
+            # 10 minutes before expiry), so a slot kept busy for hours never sends a stale one.
+            await self.open()
             assert self._credential is not None
             answer = await self._post(url, body, content_type, self._credential)
             outcome = map_answer(
