@@ -377,3 +377,10 @@ def test_stored_consent_for_other_scopes_is_noticed() -> None:
     assert smtp.consented_to_other_scopes(wanted)
     assert not graph.consented_to_other_scopes(wanted)
     assert graph.consented_to_other_scopes(())
+
+
+def test_smtp_auth_disabled_hint_points_at_graph() -> None:
+    from relayd.core.hints import hint_for
+
+    hint = hint_for("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled")
+    assert hint is not None and "transport: graph" in hint
