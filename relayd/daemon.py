@@ -93,13 +93,14 @@ class Daemon:
             fsync=fsync,
         )
         self.credentials = AccountCredentials(self.tokens, self.passwords)
+        self.deliverer = UpstreamDeliverer(
+            helo_name=config.helo_name, credentials=self.credentials, fsync=fsync
+        )
         self.scheduler = Scheduler(
             config=config,
             spool=self.spool,
             accounts=self.accounts,
-            deliverer=UpstreamDeliverer(
-                helo_name=config.helo_name, credentials=self.credentials, fsync=fsync
-            ),
+            deliverer=self.deliverer,
             inlet=self.inlet,
             filing=self.filing,
             events=events,
@@ -232,6 +233,7 @@ class Daemon:
             self.filing.stop(timeout=left(2 * STOP_MARGIN)),
         )
         await self.ops.stop(timeout=left(0.5))
+        await self.deliverer.aclose()
 
     async def _start_accepting(self) -> None:
         if self.workers is None:

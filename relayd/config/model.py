@@ -36,6 +36,7 @@ __all__ = [
     "SpoolConfig",
     "TenantConfig",
     "TlsMode",
+    "TransportKind",
     "WebConfig",
 ]
 
@@ -55,6 +56,18 @@ class AuthPolicy(enum.Enum):
     NONE = "none"
     OPTIONAL = "optional"
     REQUIRED = "required"
+
+
+class TransportKind(enum.Enum):
+    """How an account hands its mail to the provider (SPEC "Transports")."""
+
+    SMTP = "smtp"
+    GRAPH = "graph"  # Microsoft Graph sendMail
+    GMAIL_API = "gmail_api"  # Gmail API messages.send
+
+    @property
+    def is_http_api(self) -> bool:
+        return self is not TransportKind.SMTP
 
 
 class SentCopy(enum.Enum):
@@ -253,6 +266,9 @@ class AccountConfig:
     # ``password: {connect: true}``: the app password is not in the config; the mailbox owner
     # gives it on the web connect page, and it is kept encrypted in the state directory.
     connect_password: bool = False
+    transport: TransportKind = TransportKind.SMTP
+    # The HTTP API's base URL (graph_url / gmail_url) when ``transport`` is an API.
+    api_url: str | None = None
 
     @property
     def is_capture(self) -> bool:

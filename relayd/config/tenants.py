@@ -8,6 +8,7 @@ ambiguous (SPEC "Routing", step 4).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,22 @@ from pathlib import Path
 from yaml.nodes import MappingNode
 
 from relayd.config.alerts import read_alerts
-from relayd.config.model import AccountConfig, AddressPattern, Secret, SentCopy, TenantConfig
+from relayd.config.apis import (
+    DEFAULT_URLS,
+    GRAPH_MAX_CONCURRENT,
+    TRANSPORT_LABELS,
+    base_limits,
+    transport_scopes,
+)
+from relayd.config.model import (
+    AccountConfig,
+    AddressPattern,
+    OAuthConfig,
+    Secret,
+    SentCopy,
+    TenantConfig,
+    TransportKind,
+)
 from relayd.config.presets import APP_ONLY_FLOWS, PRESETS, Preset
 from relayd.config.secrets import read_secret
 from relayd.config.settings import (
@@ -34,8 +50,8 @@ from relayd.config.settings import (
     read_oauth,
     read_server,
 )
-from relayd.config.values import parse_address, parse_domain_pattern
-from relayd.config.yamlnodes import Item, NodeReader
+from relayd.config.values import parse_address, parse_domain_pattern, parse_url
+from relayd.config.yamlnodes import Fields, Item, NodeReader
 
 __all__ = ["ACCOUNT_KEYS", "TENANT_KEYS", "read_tenants"]
 
@@ -49,6 +65,9 @@ TENANT_KEYS = (
     "sent_copy",
     "from_name",
     "capture",
+    "transport",
+    "graph_url",
+    "gmail_url",
     "accounts",
     "alerts",
 )
@@ -63,10 +82,39 @@ ACCOUNT_KEYS = (
     "sent_copy",
     "from_name",
     "aliases",
+    "transport",
+    "graph_url",
+    "gmail_url",
 )
 
 ADDRESS = "an address like user@example.com"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+@dataclass(frozen=True)
+class _Api:
+    """``transport``, ``graph_url`` and ``gmail_url`` as written (None: not set here)."""
+
+    transport: TransportKind | None = None
+    transport_item: Item | None = None
+    urls: dict[TransportKind, str] = field(default_factory=dict)
+
+    def over(self, base: _Api) -> _Api:
+        return _Api(
+            transport=self.transport or base.transport,
+            transport_item=self.transport_item if self.transport else base.transport_item,
+            urls={**base.urls, **self.urls},
+        )
+
+
+def _read_api(rd: NodeReader, f: Fields) -> _Api:
+    transport = rd.enum(f["transport"], TransportKind)
+    urls: dict[TransportKind, str] = {}
+    for kind, key in ((TransportKind.GRAPH, "graph_url"), (TransportKind.GMAIL_API, "gmail_url")):
+        url = rd.parsed(f[key], parse_url, "an https URL", trim=True)
+        if url is not None:
+            urls[kind] = url.rstrip("/")
+    return _Api(transport, f["transport"] if transport else None, urls)
 
 
 @dataclass(frozen=True)
@@ -84,6 +132,7 @@ class _Tenant:
     from_name: str | None
     capture_path: Path | None
     web_configured: bool
+    api: _Api = field(default_factory=_Api)
 
 
 @dataclass(frozen=True)
@@ -98,6 +147,7 @@ class _Own:
     limits: LimitsLayer = field(default_factory=LimitsLayer)
     sent_copy: SentCopy | None = None
     from_name: str | None = None
+    api: _Api = field(default_factory=_Api)
 
 
 class _Claims:
@@ -168,7 +218,7 @@ def _read_tenant(
 
     capture_path: Path | None = None
     if preset.is_capture:
-        for key in ("smtp", "imap", "oauth"):
+        for key in ("smtp", "imap", "oauth", "transport"):
             if key in f:
                 rd.error(f[key].path, f[key].line, _CAPTURE_HINT)
         capture = rd.mapping(f["capture"], ("path",))
@@ -192,6 +242,7 @@ def _read_tenant(
         from_name=rd.parsed(f["from_name"], _one_line, "a display name"),
         capture_path=capture_path,
         web_configured=web_configured,
+        api=_read_api(rd, f),
     )
 
     patterns: list[AddressPattern] = []
@@ -254,7 +305,7 @@ def _read_account(
             aliases.append(alias.lower())
 
     if tenant.preset.is_capture:
-        for key in ("password", "oauth", "smtp", "imap"):
+        for key in ("password", "oauth", "smtp", "imap", "transport"):
             if key in f:
                 rd.error(f[key].path, f[key].line, _CAPTURE_HINT)
     own = _Own(
@@ -266,6 +317,7 @@ def _read_account(
         limits=read_limits(rd, f["limits"]),
         sent_copy=rd.enum(f["sent_copy"], SentCopy),
         from_name=rd.parsed(f["from_name"], _one_line, "a display name"),
+        api=_read_api(rd, f),
     )
     if address is None:
         return None
@@ -295,7 +347,18 @@ def _assemble(
     rd: NodeReader, item: Item, tenant: _Tenant, own: _Own, address: str, aliases: tuple[str, ...]
 ) -> AccountConfig | None:
     preset = tenant.preset
-    limits = build_limits(preset.limits, overlay(tenant.limits, own.limits))
+    api = own.api.over(tenant.api)
+    transport = api.transport or TransportKind.SMTP
+    limits_layer = overlay(tenant.limits, own.limits)
+    limits = build_limits(base_limits(transport, preset.limits), limits_layer)
+    spot = limits_layer.max_connections
+    if transport is TransportKind.GRAPH and spot and spot.value > GRAPH_MAX_CONCURRENT:
+        rd.error(
+            spot.path,
+            spot.line,
+            f"Microsoft Graph allows at most {GRAPH_MAX_CONCURRENT} concurrent requests per "
+            f"mailbox; max_connections {spot.value} would only earn 429 replies",
+        )
     sent_copy = own.sent_copy or tenant.sent_copy or SentCopy.AUTO
     from_name = own.from_name or tenant.from_name
     username = own.username if own.username is not None else address
@@ -337,6 +400,8 @@ def _assemble(
             "on itself or through its tenant's oauth",
         )
     oauth = build_oauth(rd, oauth_layer, preset, item) if oauth_layer is not None else None
+    if transport.is_http_api:
+        oauth = _api_oauth(rd, item, preset.name, preset.oauth_family, api, password, oauth)
 
     # A missing server is reported once at the tenant unless the account tried to set one.
     smtp_owner = item if not own.smtp.is_empty else tenant.item
@@ -361,7 +426,61 @@ def _assemble(
         aliases=aliases,
         capture_path=None,
         where=item.where,
+        transport=transport,
+        api_url=api.urls.get(transport, DEFAULT_URLS.get(transport)),
     )
+
+
+# The OAuth family whose tokens each HTTP API accepts.
+_API_FAMILY = {TransportKind.GRAPH: "microsoft", TransportKind.GMAIL_API: "google"}
+
+
+def _api_oauth(
+    rd: NodeReader,
+    item: Item,
+    provider: str,
+    family: str,
+    api: _Api,
+    password: Secret | None,
+    oauth: OAuthConfig | None,
+) -> OAuthConfig | None:
+    """An HTTP API account logs in with OAuth of the API's own identity platform, and asks
+    for the API's scopes unless ``oauth.scopes`` says otherwise."""
+    kind = api.transport
+    assert kind is not None and api.transport_item is not None
+    spot = api.transport_item
+    label = TRANSPORT_LABELS[kind]
+    if family != _API_FAMILY[kind]:
+        wanted = (
+            "microsoft365 or outlook"
+            if kind is TransportKind.GRAPH
+            else "gmail or google-workspace"
+        )
+        rd.error(
+            spot.path,
+            spot.line,
+            f"transport {kind.value} ({label}) is for provider {wanted}, not {provider}",
+        )
+        return None
+    if password is not None or oauth is None:
+        rd.error(
+            item.path,
+            item.line,
+            f"transport {kind.value} needs OAuth: {label} takes no passwords; set oauth "
+            "(on the account or its tenant)",
+        )
+        return None
+    if oauth.flow == "refresh_token":
+        rd.error(
+            spot.path,
+            spot.line,
+            f"transport {kind.value} needs oauth flow delegated or an app-only flow, "
+            "not refresh_token",
+        )
+        return None
+    if oauth.scopes:
+        return oauth
+    return dataclasses.replace(oauth, scopes=transport_scopes(kind, oauth.flow))
 
 
 def _password(rd: NodeReader, item: Item, tenant: _Tenant) -> tuple[Secret | None, bool]:

@@ -52,6 +52,9 @@ class AccountHealth:
     # Paused by the operator (web operator page): only a release resumes it, not a probe
     # or new credentials.
     operator_paused: bool = False
+    # Paused because the provider refused a permission (an HTTP API's 403): not probed, as
+    # a token alone cannot show the permission is there now; release or new credentials.
+    needs_admin: bool = False
 
     @property
     def paused(self) -> bool:
@@ -79,6 +82,7 @@ class AccountHealth:
             and self.alerted_at is None
             and not self.retry_at
             and not self.operator_paused
+            and not self.needs_admin
         )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
@@ -99,6 +103,19 @@ class AccountHealth:
                 retry_at=now + probe_after,
             )
         return replace(changed, state=AccountState.DEFERRED, reason=reply)
+
+    def on_permission_refused(self, now: float, detail: str) -> AccountHealth:
+        return replace(
+            self,
+            state=AccountState.PAUSED,
+            reason=detail,
+            connection_failures=0,
+            paused_at=self.paused_at or now,
+            retry_at=0.0,
+            last_error_at=now,
+            last_error=detail,
+            needs_admin=True,
+        )
 
     def on_connection_failure(self, now: float, detail: str, retry_after: float) -> AccountHealth:
         if self.state is AccountState.PAUSED:
@@ -154,6 +171,7 @@ class AccountHealth:
             alerted_at=None,
             retry_at=0.0,
             operator_paused=False,
+            needs_admin=False,
         )
 
     def on_paused_by_operator(self, now: float) -> AccountHealth:

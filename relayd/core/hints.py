@@ -20,8 +20,10 @@ _HINTS: tuple[tuple[str, str | None, str], ...] = (
         "5.7.139",
         "Microsoft 365 refuses SMTP AUTH for this mailbox: SMTP AUTH is disabled for the "
         "tenant or the mailbox, or security defaults block it. Enable 'Authenticated SMTP' "
-        "for the mailbox in the Microsoft 365 admin center, or use OAuth (oauth: flow: "
-        "delegated, then `relayd auth ADDRESS`).",
+        "for the mailbox in the Microsoft 365 admin center, or send through Microsoft Graph "
+        "instead, which needs no SMTP AUTH: `transport: graph` on the account or tenant (OAuth "
+        "with the Graph Mail.Send permission; then `relayd auth ADDRESS` for a delegated "
+        "account).",
     ),
     (
         "534",

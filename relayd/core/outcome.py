@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Failure",
@@ -48,6 +48,9 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 class Reply:
     code: int
     text: str  # without the code; may start with an enhanced status code
+    # Seconds the provider asked to wait before the next request (HTTP ``Retry-After``,
+    # RFC 9110 §10.2.3); None when it said nothing. Only throttle replies carry one.
+    retry_after: float | None = field(default=None, compare=False)
 
     @property
     def enhanced(self) -> str:
@@ -75,6 +78,9 @@ class FailureKind(enum.Enum):
     # The server offers no login mechanism relayd can use with the account's credentials: a
     # configuration problem no retry fixes, like a 504 to AUTH; held, never bounced.
     NO_MECHANISM = "no-mechanism"
+    # An HTTP send API refused the account itself (HTTP 403: permission missing, mailbox not
+    # enabled for the API): an administrator has to act, so the account is paused at once.
+    PERMISSION = "permission"
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class Failure:
     def __str__(self) -> str:
         if self.kind is FailureKind.CONSENT:
             return f"no consent from the mailbox owner: {self.detail}"
+        if self.kind is FailureKind.PERMISSION:
+            return f"refused by the provider: {self.detail}"
         return f"{self.kind.value} during {self.phase.value}: {self.detail}"
 
 
@@ -143,7 +151,7 @@ def classify_reply(phase: Phase, reply: Reply) -> Verdict:
 def classify_failure(failure: Failure) -> Verdict:
     # Network, TLS and timeouts never bounce and never pause: the mail waits (SPEC deferred).
     # A missing or refused grant is the credentials refused: held (SPEC "held": invalid_grant).
-    if failure.kind in (FailureKind.CONSENT, FailureKind.NO_MECHANISM):
+    if failure.kind in (FailureKind.CONSENT, FailureKind.NO_MECHANISM, FailureKind.PERMISSION):
         return Verdict.HELD
     return Verdict.DEFERRED
 

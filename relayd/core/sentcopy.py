@@ -62,6 +62,10 @@ def sent_copy_filing(account: AccountConfig) -> Filing:
     if account.imap is None:
         return Filing.NONE  # custom provider without imap: no copy (SPEC presets table)
     if account.sent_copy is SentCopy.AUTO:
+        if account.transport.is_http_api:
+            # Graph's sendMail saves the MIME to Sent Items and Gmail's messages.send labels
+            # it SENT: a copy of relayd's would be a duplicate.
+            return Filing.NONE
         preset = PRESETS.get(account.provider)
         if preset is not None and preset.files_sent_copy_itself:
             return Filing.NONE
@@ -72,6 +76,10 @@ def dsn_filing(account: AccountConfig) -> Filing:
     """SPEC "DSNs": into the INBOX over IMAP when the account has IMAP, else NONE (the caller
     sends the DSN through the account to itself over SMTP)."""
     if account.imap is None or account.is_capture:
+        return Filing.NONE
+    if account.transport.is_http_api:
+        # Its OAuth tokens are for the send API alone (Graph's Mail.Send, Gmail's gmail.send),
+        # which IMAP does not accept: the DSN goes through the API to the account itself.
         return Filing.NONE
     return Filing.IMAP
 

@@ -47,8 +47,9 @@ class DataDecoder:
     end of DATA before replying (RFC 5321 §4.2.5: the reply comes after the final dot).
     """
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, size_reply: str = SIZE_REPLY) -> None:
         self.max_size = max_size
+        self.size_reply = size_reply
         self.size = 0
         self.refusal: str | None = None
         # The CRLF that ended the DATA command line precedes the first content line.
@@ -90,7 +91,7 @@ class DataDecoder:
     def _count(self, content: bytes) -> bytes:
         self.size += len(content)
         if self.size > self.max_size:
-            self.refusal = SIZE_REPLY
+            self.refusal = self.size_reply
             return b""
         return content
 

@@ -79,7 +79,7 @@ class MessageStream:
 
     def __init__(self, sink: MessageSink) -> None:
         self.sink = sink
-        self.decoder = DataDecoder(sink.max_size)
+        self.decoder = DataDecoder(sink.max_size, sink.size_reply)
         self.headers = HeaderSection()
         self.reply: str | None = None  # the refusal, once there is one
         self._started = False  # the header section passed and the spool file is open

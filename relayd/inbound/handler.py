@@ -23,6 +23,7 @@ from typing import Any
 from aiosmtpd.smtp import AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
+from relayd.config.apis import size_limit
 from relayd.config.model import ANONYMOUS, AuthPolicy, ClientConfig, Config, ListenerConfig
 from relayd.core.routing import (
     Refusal,
@@ -224,6 +225,9 @@ class InboundHandler:
                 decision.reply,
             )
             return decision.reply
+        limit, size_reply = size_limit(decision.account, config.spool.max_message_size)
+        if size is not None and size > limit:
+            return size_reply or SIZE_REPLY  # RFC 1870 §6.1: the declared size is too big
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.config = config

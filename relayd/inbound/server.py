@@ -27,6 +27,7 @@ from typing import AnyStr
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
+from relayd.config.apis import advertised_size
 from relayd.config.model import AuthPolicy, ListenerConfig
 from relayd.core.routing import UnixUser
 from relayd.inbound.datastream import MessageStream, read_data_section
@@ -288,7 +289,7 @@ class RelaySMTP(SMTP):
         session = self.relay_session()
         session.extended_smtp = True
         session.host_name = hostname
-        max_size = self.relay_handler.config.spool.max_message_size
+        max_size = advertised_size(self.relay_handler.config)
         lines = [
             self.hostname,
             f"SIZE {max_size}",

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from relayd.config.apis import size_limit
 from relayd.config.model import ClientConfig, Config
 from relayd.core.envelope import Envelope
 from relayd.core.routing import Refusal, RouteDecision, rewrite_sender
@@ -105,7 +106,12 @@ class MessageSink:
         self.on_queued = on_queued
         self.envelope = submission.envelope()
         self.policy = submission.header_policy()
-        self.max_size = submission.config.spool.max_message_size
+        # The route's transport may carry less than the spool takes (Graph: 3 MiB); the
+        # application hears so at the end of DATA, never as a bounce later.
+        self.max_size, reply = size_limit(
+            submission.route.account, submission.config.spool.max_message_size
+        )
+        self.size_reply = reply or SIZE_REPLY
         self._reception: Reception | None = None
 
     def start(self, head: bytes, rest: bytes) -> str | None:
@@ -178,7 +184,7 @@ async def submit_whole(sink: MessageSink, content: bytes) -> str:
     if b"\x00" in content:
         return NUL_REPLY
     if len(content) > sink.max_size:
-        return SIZE_REPLY
+        return sink.size_reply
     section = HeaderSection()
     split = section.feed(content) or section.finish()
     if split is None:

@@ -84,6 +84,7 @@ def save_consent(
         expires_at=outcome.expires_at,
         consent_id=new_consent_id(),
         updated_at=time.time(),
+        scopes=list(account.oauth.scopes),
     )
     store.update(account.address, lambda _old: record)
     return record

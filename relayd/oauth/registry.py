@@ -145,6 +145,9 @@ class TokenSources:
             refresh_token: str | None = None
             if provider.stores_tokens:
                 record = await asyncio.to_thread(self._stored, account)
+                assert account.oauth is not None
+                if record is not None and record.consented_to_other_scopes(account.oauth.scopes):
+                    raise ConsentRequired(_other_scopes(account, record), error="other_scopes")
                 for secret in (record.access_token, record.refresh_token) if record else ():
                     if secret:
                         self.on_secret(secret)
@@ -295,3 +298,17 @@ class TokenSources:
 def token_sources_for(config: Config, *, fsync: bool = True) -> TokenSources:
     """The token sources of ``config``'s state directory and ``tokens.key``."""
     return TokenSources(TokenStore(config.state_directory, key=config.tokens_key, fsync=fsync))
+
+
+def _other_scopes(account: AccountConfig, record: StoredTokens) -> str:
+    """Why tokens consented for one resource are not offered to another: the fix."""
+    assert account.oauth is not None
+    was = " ".join(record.scopes or ()) or "the provider's SMTP and IMAP scopes"
+    now = " ".join(account.oauth.scopes) or "the provider's SMTP and IMAP scopes"
+    label = {"graph": " for Graph", "gmail_api": " for the Gmail API"}.get(
+        account.transport.value, " for SMTP"
+    )
+    return (
+        f"the stored consent was given for {was}, but transport {account.transport.value} "
+        f"needs {now}: run `relayd auth {account.address}` again{label}"
+    )

@@ -42,6 +42,13 @@ class StoredTokens:
     # it, so a paused account resumes after `relayd auth` and not after a routine refresh.
     consent_id: str = ""
     updated_at: float = 0.0
+    # The scopes asked for at consent (``oauth.scopes``; [] for the provider's SMTP/IMAP
+    # defaults); None for a record older than this field or seeded from the config. A token
+    # for one resource is no good for another (an Outlook SMTP token is refused by Graph).
+    scopes: list[str] | None = None
+
+    def consented_to_other_scopes(self, scopes: tuple[str, ...]) -> bool:
+        return self.scopes is not None and sorted(self.scopes) != sorted(scopes)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiosmtplib
 
 from relayd.config import load_for_command
+from relayd.config.apis import TRANSPORT_LABELS
 from relayd.config.model import AccountConfig, Config, TlsMode
 from relayd.core.hints import hint_for
 from relayd.core.routing import find_account
@@ -216,6 +218,57 @@ def _test_message(account: AccountConfig, to: str, helo: str) -> bytes:
     ).encode()
 
 
+async def _api_checkup(
+    config: Config, account: AccountConfig, send_to: str | None, report: Report
+) -> int:
+    """An account sending through Graph or the Gmail API: the API host, an access token with
+    the API's scopes, the optional test message; no IMAP (the service files the Sent copy)."""
+    assert account.api_url is not None and account.oauth is not None
+    label = TRANSPORT_LABELS[account.transport]
+    report.line(f"transport {account.transport.value}: {label} at {account.api_url}")
+    host = urlsplit(account.api_url).hostname or ""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, 443, type=socket.SOCK_STREAM), STEP_TIMEOUT
+        )
+        report.ok("DNS", f"{host} -> {', '.join(sorted({str(i[4][0]) for i in infos}))}")
+    except (OSError, TimeoutError) as exc:
+        report.fail("DNS", f"{host}: {exc or 'timed out'}")
+        return 1
+    deliverer = UpstreamDeliverer(
+        helo_name=config.helo_name,
+        credentials=AccountCredentials(token_sources_for(config), passwords_for(config)),
+    )
+    transport = deliverer.new_transport(account)
+    scopes = " ".join(account.oauth.scopes)
+    try:
+        try:
+            await transport.open()
+        except AttemptError as err:
+            report.fail("token", f"{err.outcome}")
+            return 1
+        report.ok("token", f"OAuth2 {account.oauth.flow}, scopes {scopes}")
+        if send_to:
+            message = _test_message(account, send_to, config.helo_name)
+            try:
+                result = await transport.send(account.address, (send_to,), BytesContent(message))
+            except AttemptError as err:
+                report.fail("send", f"test message to <{send_to}>: {err.outcome}")
+            else:
+                _phase, reply = result.replies[send_to]
+                if reply.code == 250:
+                    report.ok("send", f"test message to <{send_to}>: {reply}")
+                else:
+                    report.fail("send", f"test message to <{send_to}>: {reply}")
+    finally:
+        await transport.quit()
+        await deliverer.aclose()
+    report.line(f"Sent copies: filed by {label} itself (no IMAP)")
+    report.line("result: " + ("FAILED" if report.failed else "all steps passed"))
+    return 1 if report.failed else 0
+
+
 async def _smtp_login_and_send(
     config: Config, account: AccountConfig, send_to: str | None, report: Report
 ) -> None:
@@ -306,6 +359,8 @@ async def _checkup(
         path = account.capture_path
         report.line(f"capture provider: mail stays in the Maildir {path}; nothing to connect to")
         return 0
+    if account.transport.is_http_api:
+        return await _api_checkup(config, account, send_to, report)
     server = account.smtp
     report.line(f"SMTP {server.host}:{server.port}, tls: {server.tls.value}")
     loop = asyncio.get_running_loop()

@@ -166,6 +166,9 @@ def _account_status(
         state = "needs consent"
         why = why or "no OAuth2 tokens stored for this account yet"
         fix = f"run `relayd auth {account.address}`"
+    elif health.needs_admin:
+        # The reason names the permission and the admin step; nothing in relayd changes.
+        fix = f"Once granted: `relayd queue release --account {account.address}`."
     elif health.state is AccountState.PAUSED:
         fix = hint_for(health.reason) or ""
         fix = (fix + " " if fix else "") + (

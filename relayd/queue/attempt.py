@@ -20,7 +20,7 @@ from typing import Protocol
 from relayd.config.model import AccountConfig, SpoolConfig
 from relayd.core.envelope import DeliveryState
 from relayd.core.health import UNHEALTHY_AFTER_FAILURES, AccountHealth, AccountState
-from relayd.core.outcome import Verdict
+from relayd.core.outcome import Failure, FailureKind, Reply, Verdict
 from relayd.core.queues import Queue
 from relayd.core.retry import next_delay
 from relayd.core.sentcopy import awaits_filing
@@ -173,7 +173,11 @@ class AttemptRunner:
         if report.signal is AccountSignal.THROTTLED:
             # The whole lane slows down (relayd.core.throttle): one connection fewer than
             # were in use, and a pause before its next attempt.
-            lane.throttle = lane.throttle.on_throttled(now, in_use=max(1, lane.workers))
+            # An HTTP API's Retry-After says how long; an SMTP throttle reply does not.
+            asked = report.cause.retry_after if isinstance(report.cause, Reply) else None
+            lane.throttle = lane.throttle.on_throttled(
+                now, in_use=max(1, lane.workers), retry_after=asked
+            )
             log.warning(
                 "throttled by the provider (%s): %d connections, next attempt in %.0f s",
                 report.detail,
@@ -215,7 +219,22 @@ class AttemptRunner:
         parking = self.parking
         health = parking.health(account.address)
         retry = settings.retry
-        if report.signal is AccountSignal.CREDENTIALS_REFUSED:
+        cause = report.cause
+        if isinstance(cause, Failure) and cause.kind is FailureKind.PERMISSION:
+            # An HTTP API's 403: a permission only an administrator can grant. Paused at
+            # once, and not probed (a token alone cannot show the permission is there).
+            health = health.on_permission_refused(now, report.detail)
+            if health.alerted_at is None:
+                log.error(
+                    "ALERT account paused: %s; mail is held, not bounced. When fixed, run "
+                    "`relayd queue release --account %s`",
+                    report.detail,
+                    account.address,
+                    extra=logx,
+                )
+                health = health.but_alerted(now)
+                self.events.account_paused(account, report.detail)
+        elif report.signal is AccountSignal.CREDENTIALS_REFUSED:
             health = health.on_credentials_refused(now, report.detail, probe_after=retry.max)
             if health.paused and health.alerted_at is None:
                 # One alert per incident (SPEC); the alert channels listen to the events.

@@ -415,7 +415,12 @@ class Scheduler:
 
     def _probe_paused(self, now: float) -> None:
         for health in self.book:
-            if not health.paused or health.operator_paused or now < health.retry_at:
+            if (
+                not health.paused
+                or health.operator_paused
+                or health.needs_admin
+                or now < health.retry_at
+            ):
                 continue
             lane = self._lanes.of(health.address)
             account = lane.account

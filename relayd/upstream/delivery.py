@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relayd.config.model import AccountConfig
 from relayd.core.outcome import (
@@ -30,6 +30,9 @@ from relayd.upstream.credentials import CredentialSource
 from relayd.upstream.dataphase import ContentSource
 from relayd.upstream.smtp import SmtpSession
 from relayd.upstream.transport import DEFAULT_TIMEOUTS, AttemptError, Timeouts, Transport
+
+if TYPE_CHECKING:
+    from relayd.upstream.httpapi import ApiClients
 
 __all__ = ["AccountSignal", "AttemptReport", "Deliverer", "UpstreamDeliverer"]
 
@@ -104,13 +107,31 @@ class UpstreamDeliverer:
         self.credentials = credentials
         self.timeouts = timeouts
         self.fsync = fsync
+        self._api_clients: ApiClients | None = None
 
     def new_transport(self, account: AccountConfig) -> Transport:
         if account.is_capture:
             return CaptureTransport(account, fsync=self.fsync)
+        if account.transport.is_http_api:
+            # Imported here: the HTTP client is loaded only where an account uses an API.
+            from relayd.upstream.httpapi import ApiClients, HttpApiTransport
+
+            if self._api_clients is None:
+                self._api_clients = ApiClients(self.timeouts)
+            return HttpApiTransport(
+                account,
+                credentials=self.credentials,
+                clients=self._api_clients,
+                timeouts=self.timeouts,
+            )
         return SmtpSession(
             account, helo_name=self.helo_name, credentials=self.credentials, timeouts=self.timeouts
         )
+
+    async def aclose(self) -> None:
+        """Close the pooled HTTP clients of the send APIs, if any were made."""
+        if self._api_clients is not None:
+            await self._api_clients.close()
 
     async def attempt(
         self,
@@ -128,7 +149,11 @@ class UpstreamDeliverer:
         report = AttemptReport(results=[], relay=transport.relay)
         # SPEC limits.max_recipients: at most that many recipients per transaction. What is
         # done stays done: a later batch that fails fails for its own recipients only.
-        batches = _batches(pending, account.limits.max_recipients)
+        # An HTTP send API takes the message once for all its recipients: it delivers to the
+        # header fields, which name them all (relayd.core.apienvelope), so a split would
+        # only send it twice.
+        size = 0 if account.transport.is_http_api else account.limits.max_recipients
+        batches = _batches(pending, size)
         for try_number in (1, 2):
             try:
                 if not transport.is_open:

@@ -1,8 +1,9 @@
 """ "Test & connect" for the connect page: an app password is tried live before it is saved,
 and a connected account can send its owner a test message.
 
-Both go through the daemon's own session code (``relayd.upstream.smtp.SmtpSession``,
-``relayd.sync.imap.ImapSession``), so a password that passes here is one the daemon can log
+Both go through the daemon's own session code (``relayd.upstream.smtp.SmtpSession`` and
+``relayd.sync.imap.ImapSession``; the test message through the account's own transport,
+which may be a send API), so a password that passes here is one the daemon can log
 in with, and a provider's refusal is shown as the provider said it, with relayd's hint for
 the code (``relayd.core.hints``).
 """
@@ -19,6 +20,7 @@ from relayd.core.hints import hint_for
 from relayd.sync.imap import ImapError, ImapSession, ImapTimeouts
 from relayd.upstream.credentials import Credential, CredentialSource, Mechanism
 from relayd.upstream.dataphase import BytesContent
+from relayd.upstream.delivery import UpstreamDeliverer
 from relayd.upstream.smtp import SmtpSession
 from relayd.upstream.transport import AttemptError, Timeouts
 
@@ -105,7 +107,9 @@ async def send_test_message(
     the stored password or tokens)."""
     if account.smtp is None:
         return TrialResult(False, "send", "this account delivers nowhere (capture)")
-    session = SmtpSession(account, helo_name=helo_name, credentials=credentials, timeouts=TIMEOUTS)
+    # Through the account's own transport: SMTP, or the Graph / Gmail send API.
+    deliverer = UpstreamDeliverer(helo_name=helo_name, credentials=credentials, timeouts=TIMEOUTS)
+    session = deliverer.new_transport(account)
     started = time.monotonic()
     try:
         await session.open()
@@ -115,6 +119,8 @@ async def send_test_message(
     except AttemptError as err:
         session.close()
         return _failed("send", str(err.outcome))
+    finally:
+        await deliverer.aclose()
     await session.quit()
     _phase, reply = result.replies.get(account.address, (None, None))
     if reply is not None and reply.code != 250:

@@ -57,6 +57,7 @@ class _Issued:
     client_id: str
     expires_at: float
     app_domain: str | None = None  # app-only: every mailbox of this domain
+    scope: str = ""  # as asked for (RFC 6749 §3.3), space-separated
 
 
 @dataclass
@@ -64,6 +65,7 @@ class _RefreshGrant:
     username: str
     client_id: str
     revoked: bool = False
+    scope: str = ""  # what was consented to ("" when seeded by a test: anything)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class _State:
     counts: Counter[str] = field(default_factory=Counter)
     introspected: Counter[str] = field(default_factory=Counter)
     revoked_at_endpoint: list[str] = field(default_factory=list)  # via /revoke (RFC 7009)
+    service_accounts: dict[str, bytes] = field(default_factory=dict)  # email -> public key PEM
 
 
 class OAuthServer:
@@ -199,10 +202,10 @@ class OAuthServer:
         return token
 
     def issue_access_token(
-        self, username: str, client_id: str, *, lifetime: float | None = None
+        self, username: str, client_id: str, *, lifetime: float | None = None, scope: str = ""
     ) -> str:
         with self._lock:
-            return self._new_access(username.lower(), client_id, lifetime)
+            return self._new_access(username.lower(), client_id, lifetime, scope)
 
     def revoke(self, refresh_token: str | None = None, *, username: str | None = None) -> None:
         """Revoke one refresh token, or every refresh token of ``username``."""
@@ -265,7 +268,9 @@ class OAuthServer:
 
     # -- token logic (called by the handler) --------------------------------------------
 
-    def _new_access(self, username: str | None, client_id: str, lifetime: float | None) -> str:
+    def _new_access(
+        self, username: str | None, client_id: str, lifetime: float | None, scope: str = ""
+    ) -> str:
         prefix = "at-"
         size = max(self.token_size, len(prefix) + 8)
         token = prefix + secrets.token_urlsafe(size)[: size - len(prefix)]
@@ -274,18 +279,23 @@ class OAuthServer:
             client_id=client_id,
             expires_at=time.time() + (self.token_lifetime if lifetime is None else lifetime),
             app_domain=self.state.app_domains.get(client_id) if username is None else None,
+            scope=scope,
         )
         return token
 
-    def _answer(self, username: str | None, client_id: str, refresh: bool) -> dict[str, Any]:
+    def _answer(
+        self, username: str | None, client_id: str, refresh: bool, scope: str = ""
+    ) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "token_type": "Bearer",
-            "access_token": self._new_access(username, client_id, None),
+            "access_token": self._new_access(username, client_id, None, scope),
             "expires_in": self.token_lifetime,
         }
+        if scope:
+            doc["scope"] = scope
         if refresh and username is not None:
             token = "rt-" + secrets.token_urlsafe(24)
-            self.state.refresh[token] = _RefreshGrant(username, client_id)
+            self.state.refresh[token] = _RefreshGrant(username, client_id, scope=scope)
             doc["refresh_token"] = token
         return doc
 
@@ -297,6 +307,9 @@ class OAuthServer:
             self.state.counts[grant_type] += 1
             if self.fail_status is not None:
                 return self.fail_status, {"error": "temporarily_unavailable"}
+            if grant_type == JWT_GRANT:
+                # RFC 7523 §3: the signed assertion is the client's authentication.
+                return self._jwt_grant(form)
             if client_id not in self.state.clients:
                 return 400, {"error": "invalid_client", "error_description": "unknown client"}
             expected = self.state.clients[client_id]
@@ -317,11 +330,12 @@ class OAuthServer:
                     "error_description": "AADSTS70008: The refresh token has expired or "
                     "is revoked.",
                 }
-            return 200, self._answer(grant.username, client_id, self.rotate_refresh_tokens)
+            scope = form.get("scope", grant.scope)
+            return 200, self._answer(grant.username, client_id, self.rotate_refresh_tokens, scope)
         if grant_type == "client_credentials":
             if client_id not in self.state.app_domains:
                 return 400, {"error": "unauthorized_client"}
-            return 200, self._answer(None, client_id, False)
+            return 200, self._answer(None, client_id, False, form.get("scope", ""))
         if grant_type == DEVICE_GRANT:
             device = self.state.devices.get(form.get("device_code", ""))
             if device is None or device.expires_at < time.time():
@@ -329,7 +343,7 @@ class OAuthServer:
             if device.username is None:
                 return 400, {"error": "authorization_pending"}  # RFC 8628 §3.5
             del self.state.devices[form["device_code"]]
-            answer = self._answer(device.username, client_id, True)
+            answer = self._answer(device.username, client_id, True, device.scope)
             if "openid" in device.scope.split():
                 answer["id_token"] = self._id_token(device.username, client_id, "microsoft")
             return 200, answer
@@ -340,8 +354,36 @@ class OAuthServer:
             subject = claims.get("sub")
             if not isinstance(subject, str):
                 return 400, {"error": "invalid_grant"}
-            return 200, self._answer(subject.lower(), str(claims.get("iss")), False)
+            scope = str(claims.get("scope") or "")
+            return 200, self._answer(subject.lower(), str(claims.get("iss")), False, scope)
         return 400, {"error": "unsupported_grant_type"}
+
+    def add_service_account(self, client_email: str, public_key_pem: bytes) -> None:
+        """A Google service account allowed domain-wide delegation (any subject)."""
+        with self._lock:
+            self.state.service_accounts[client_email] = public_key_pem
+
+    def _jwt_grant(self, form: dict[str, str]) -> tuple[int, Any]:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+        assertion = form.get("assertion", "")
+        claims = _jwt_claims(assertion)
+        issuer, subject = claims.get("iss"), claims.get("sub")
+        key_pem = self.state.service_accounts.get(str(issuer))
+        if key_pem is None or not isinstance(subject, str):
+            return 400, {"error": "invalid_grant", "error_description": "unknown service account"}
+        signed, _, signature = assertion.rpartition(".")
+        key = serialization.load_pem_public_key(key_pem)
+        assert isinstance(key, rsa.RSAPublicKey)
+        try:
+            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+            key.verify(raw, signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        except (InvalidSignature, ValueError):
+            return 400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}
+        scope = str(claims.get("scope") or "")
+        return 200, self._answer(subject.lower(), str(issuer), False, scope)
 
     def device_code(self, form: dict[str, str]) -> dict[str, Any]:
         with self._lock:
@@ -380,7 +422,7 @@ class OAuthServer:
         if refusal is not None or code is None:
             self.state.code_refusals[refusal or "unknown code"] += 1
             return 400, {"error": "invalid_grant", "error_description": f"PKCE/code: {refusal}"}
-        answer = self._answer(code.username, client_id, True)
+        answer = self._answer(code.username, client_id, True, code.scope)
         if "openid" in code.scope.split():
             answer["id_token"] = self._id_token(
                 code.username, client_id, code.style, nonce=code.nonce
@@ -486,11 +528,13 @@ class OAuthServer:
                     "active": True,
                     "username": f"app:{issued.client_id}",
                     "app_mailboxes": f"*@{issued.app_domain}",
+                    "scope": issued.scope,
                 }
             return {
                 "active": True,
                 "username": issued.username,
                 "app_mailboxes": "-@invalid.invalid",
+                "scope": issued.scope,
             }
 
     def openid_configuration(self, tenant: str) -> dict[str, Any]:

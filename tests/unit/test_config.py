@@ -177,12 +177,14 @@ tenants:
         (
             ACCOUNT + "    domain: [example.com]\n",
             "tenants.t.domain: line 7: unknown key; allowed keys: provider, domains, smtp, imap, "
-            "oauth, limits, sent_copy, from_name, capture, accounts, alerts",
+            "oauth, limits, sent_copy, from_name, capture, transport, graph_url, gmail_url, "
+            "accounts, alerts",
         ),
         (
             ACCOUNT + "        passwd: x\n",
             "tenants.t.accounts[0].passwd: line 7: unknown key; allowed keys: address, username, "
-            "password, oauth, smtp, imap, limits, sent_copy, from_name, aliases",
+            "password, oauth, smtp, imap, limits, sent_copy, from_name, aliases, transport, "
+            "graph_url, gmail_url",
         ),
         (
             ACCOUNT + "        smtp: {hostname: x}\n",
@@ -1637,14 +1639,17 @@ def test_example_config_loads_cleanly() -> None:
         "acme",
         "smallbiz",
         "partners",
+        "workspace",
         "hosting",
         "staging",
     ]
     assert [a.address for a in config.accounts()] == [
         "alice@acme.example",
+        "reports@acme.example",
         "scanner@acme.example",
         "owner@gmail.example",
         "frontdesk@gmail.example",
+        "newsletter@workspace.example",
         "info@host.example",
         "ops@host.example",
     ]
@@ -1657,6 +1662,10 @@ def test_example_config_loads_cleanly() -> None:
     assert config.web is not None and config.web.public_url == "https://relay.acme.example"
     assert [a.address for a in config.accounts() if a.connect_password] == [
         "frontdesk@gmail.example"
+    ]
+    assert [(a.address, a.transport.value) for a in config.accounts() if a.api_url] == [
+        ("reports@acme.example", "graph"),
+        ("newsletter@workspace.example", "gmail_api"),
     ]
 
 
@@ -1691,7 +1700,7 @@ def test_local_config_loads_cleanly() -> None:
 def test_cli_check_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["-c", str(EXAMPLE), "check-config"]) == 0
     out, err = capsys.readouterr()
-    assert (out, err) == ("config OK: 5 tenants, 6 accounts, 3 listeners\n", "")
+    assert (out, err) == ("config OK: 6 tenants, 8 accounts, 3 listeners\n", "")
     assert cli.main(["check-config", "-c", str(LOCAL)]) == 0
     assert capsys.readouterr().out == "config OK: 1 tenants, 0 accounts, 1 listeners\n"
 

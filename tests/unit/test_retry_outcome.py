@@ -239,8 +239,9 @@ def test_reply_str(reply: Reply, text: str) -> None:
 
 
 # Credentials that cannot be used, said by relayd or the token endpoint rather than the mail
-# server (no consent stored, invalid_grant; no login mechanism for them): held, as a 535 is.
-CREDENTIAL_FAILURES = {FailureKind.CONSENT, FailureKind.NO_MECHANISM}
+# server (no consent stored, invalid_grant; no login mechanism for them; an HTTP API's 403):
+# held, as a 535 is.
+CREDENTIAL_FAILURES = {FailureKind.CONSENT, FailureKind.NO_MECHANISM, FailureKind.PERMISSION}
 
 
 @pytest.mark.parametrize("kind", [k for k in FailureKind if k not in CREDENTIAL_FAILURES])
@@ -254,7 +255,7 @@ def test_classify_failure_defers_network_tls_and_protocol_failures(
     assert str(failure) == f"{kind.value} during {phase.value}: detail"
 
 
-@pytest.mark.parametrize("kind", [FailureKind.CONSENT, FailureKind.NO_MECHANISM])
+@pytest.mark.parametrize("kind", [k for k in FailureKind if k in CREDENTIAL_FAILURES])
 @pytest.mark.parametrize("phase", [Phase.TOKEN, Phase.AUTH])
 def test_classify_failure_holds_unusable_credentials(phase: Phase, kind: FailureKind) -> None:
     failure = Failure(phase, kind, "detail")
@@ -263,6 +264,8 @@ def test_classify_failure_holds_unusable_credentials(phase: Phase, kind: Failure
     if kind is FailureKind.CONSENT:
         # Not "535 ...": no mail server said anything (relayd or the token endpoint did).
         assert str(failure) == "no consent from the mailbox owner: detail"
+    if kind is FailureKind.PERMISSION:
+        assert str(failure) == "refused by the provider: detail"
 
 
 @pytest.mark.parametrize(
