@@ -52,6 +52,9 @@ class AccountHealth:
     # Paused by the operator (web operator page): only a release resumes it, not a probe
     # or new credentials.
     operator_paused: bool = False
+    # Fleet mode: the host whose attempts paused the account, when it was another. That
+    # host probes and alerts; this one holds the mail and waits for the fleet's resume.
+    paused_by: str = ""
 
     @property
     def paused(self) -> bool:
@@ -79,6 +82,7 @@ class AccountHealth:
             and self.alerted_at is None
             and not self.retry_at
             and not self.operator_paused
+            and not self.paused_by
         )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
@@ -154,6 +158,7 @@ class AccountHealth:
             alerted_at=None,
             retry_at=0.0,
             operator_paused=False,
+            paused_by="",
         )
 
     def on_paused_by_operator(self, now: float) -> AccountHealth:
@@ -167,6 +172,21 @@ class AccountHealth:
             alerted_at=self.alerted_at or now,
             retry_at=0.0,
             operator_paused=True,
+        )
+
+    def on_paused_elsewhere(self, now: float, reason: str, host: str) -> AccountHealth:
+        """Another host of the fleet paused the account: its mail is held here too, with no
+        login of this host's own (the other host probes) and no second alert."""
+        if self.paused:
+            return self
+        return replace(
+            self,
+            state=AccountState.PAUSED,
+            reason=f"paused on {host}: {reason}" if reason else f"paused on {host}",
+            paused_at=now,
+            alerted_at=now,
+            retry_at=0.0,
+            paused_by=host,
         )
 
     def on_credentials_changed(self, fingerprint: str) -> AccountHealth:

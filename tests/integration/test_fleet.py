@@ -1,0 +1,296 @@
+"""Fleet mode (SPEC "Fleet"): three relayd hosts on one machine, one PostgreSQL database.
+
+Each host has its own state directory, spool and listener; all share the tenant map, the
+token key and the fleet database, as application hosts of one operator would. What the
+mailbox's provider sees is measured where it sees it: the session-counting upstream
+(``mailworld.throttling``) or Postfix and the token server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailworld.oauth_server import OAuthServer
+from mailworld.postgres import PostgresServer
+from mailworld.throttling import SessionLimitedUpstream
+from mailworld.world import MailWorld
+
+from relayd.fleet.schema import LATEST
+from relayd.passwords import hash_password
+
+from .conftest import Mailbox, NewMailbox
+from .ops_cli import wait_until
+from .relayd_proc import REPO, Relayd, free_port, write_config, write_secret
+from .test_oauth import microsoft_tenant, oauth
+from .test_relay_delivery import message, spooled
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["oauth"]  # the fixture, used by the token test
+
+NAMES = ("host-a", "host-b", "host-c")
+
+
+@dataclass
+class Host:
+    name: str
+    dir: Path
+    port: int
+    config_path: Path
+    relayd: Relayd
+    client_password: str
+
+    def relayd_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relayd", "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+        )
+
+    def submit(self, sender: str, rcpt: str, subjects: list[str]) -> None:
+        """One session, many messages; each got its 250 (durable on this host)."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
+            smtp.login("app", self.client_password)
+            for subject in subjects:
+                smtp.sendmail(sender, [rcpt], message(sender, rcpt, subject))
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+
+class Fleet:
+    def __init__(self, base: Path, database_url: str) -> None:
+        self.base = base
+        self.secrets = base / "secrets"
+        self.dsn = write_secret(self.secrets / "fleet-dsn", database_url)
+        self.token_key = write_secret(self.secrets / "token-key", secrets.token_urlsafe(32))
+        self.hosts: list[Host] = []
+
+    def make(
+        self,
+        tenants: dict[str, Any],
+        may_send_as: list[str],
+        *,
+        names: tuple[str, ...] = NAMES,
+        lease_time: str = "6s",
+        retry: dict[str, str] | None = None,
+    ) -> list[Host]:
+        client_password = "client-" + secrets.token_urlsafe(10)
+        for name in names:
+            directory = self.base / name
+            port = free_port()
+            config: dict[str, Any] = {
+                "state_directory": str(directory / "state"),
+                "helo_name": f"{name}.relayd.test",
+                "log_level": "debug",
+                "accept_processes": 0,
+                "listen": [{"address": f"127.0.0.1:{port}", "auth": "optional", "tls": "none"}],
+                "clients": {
+                    "app": {
+                        "password_hash": hash_password(client_password),
+                        "may_send_as": may_send_as,
+                    },
+                },
+                "spool": {"retry": retry or {"first": "1s", "max": "2s", "give_up_after": "1h"}},
+                "tokens": {"key": {"file": str(self.token_key)}},
+                "tenants": tenants,
+                "fleet": {
+                    "database": {"file": str(self.dsn)},
+                    "name": name,
+                    "lease_time": lease_time,
+                },
+            }
+            path = write_config(directory / "relayd.yaml", config)
+            host = Host(
+                name,
+                directory,
+                port,
+                path,
+                Relayd(path, port, directory / "relayd.log"),
+                client_password,
+            )
+            self.hosts.append(host)
+        return self.hosts[-len(names) :]
+
+    def init(self) -> None:
+        done = self.hosts[0].relayd_cli("fleet", "init")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start(self) -> None:
+        for host in self.hosts:
+            host.relayd.start()
+
+    def kill_all(self) -> None:
+        for host in self.hosts:
+            host.relayd.kill()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, fleet_database: str) -> Iterator[Fleet]:
+    made = Fleet(tmp_path, fleet_database)
+    yield made
+    made.kill_all()
+
+
+def limited_tenant(
+    world: MailWorld, secrets_dir: Path, mailbox: Mailbox, port: int, limits: dict[str, int]
+) -> dict[str, Any]:
+    secret = write_secret(secrets_dir / mailbox.name, mailbox.password)
+    return {
+        "provider": "custom",
+        "smtp": {"host": "127.0.0.1", "port": port, "tls": "none"},
+        "limits": limits,
+        "accounts": [{"address": mailbox.address, "password": {"file": str(secret)}}],
+    }
+
+
+@pytest.fixture
+def upstream(mail_world: MailWorld) -> Iterator[SessionLimitedUpstream]:
+    """Microsoft 365's 3 sessions per mailbox, each DATA taking a while: sessions overlap."""
+    server = SessionLimitedUpstream(mail_world.lmtp_port, max_sessions=3, data_delay=0.3)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def most_in_a_minute(arrivals: list[float]) -> int:
+    ordered = sorted(arrivals)
+    return max(
+        (len([t for t in ordered[i:] if t < start + 60.0]) for i, start in enumerate(ordered)),
+        default=0,
+    )
+
+
+def all_spools_empty(hosts: list[Host]) -> bool:
+    return all(not any(spooled(h.state).values()) for h in hosts)
+
+
+# -- the schema ---------------------------------------------------------------------------
+
+
+def test_fleet_init_creates_the_versioned_schema_and_is_idempotent(
+    fleet: Fleet, postgres: PostgresServer, fleet_database: str
+) -> None:
+    (host,) = fleet.make({}, [], names=("host-a",))
+    first = host.relayd_cli("fleet", "init")
+    assert first.returncode == 0, first.stderr
+    assert f"fleet schema created (version {LATEST})" in first.stdout
+    again = host.relayd_cli("fleet", "init")
+    assert again.returncode == 0
+    assert f"fleet schema is at version {LATEST}: nothing to do" in again.stdout
+    database = fleet_database.rsplit("/", 1)[1]
+    assert postgres.psql("SELECT max(version) FROM relayd_schema", database) == str(LATEST)
+    tables = postgres.psql(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables"
+        " WHERE tablename LIKE 'fleet_%'",
+        database,
+    )
+    assert tables.split(",") == [
+        "fleet_health",
+        "fleet_hosts",
+        "fleet_leases",
+        "fleet_queues",
+        "fleet_sends",
+        "fleet_throttle",
+        "fleet_tokens",
+    ]
+    assert postgres.password not in first.stdout + first.stderr
+
+
+# -- shared tokens ------------------------------------------------------------------------
+
+
+def test_one_auth_on_a_serves_b_and_c_and_50_messages_cause_one_refresh(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    fleet: Fleet,
+    oauth: OAuthServer,
+    postgres: PostgresServer,
+    fleet_database: str,
+) -> None:
+    alice, rcpt = new_mailbox("fleettok"), new_mailbox("rcpt")
+    tenant = microsoft_tenant(mail_world, oauth, [alice.address])
+    a, b, c = fleet.make({"ms": tenant}, [alice.address])
+    fleet.init()
+    # The consent's access token is under the 10-minute margin: the first use refreshes it.
+    oauth.token_lifetime = 300
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    auth = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relayd",
+            "-c",
+            str(a.config_path),
+            "auth",
+            alice.address,
+            "--device-code",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    try:
+        shown = ""
+        assert auth.stdout is not None
+        while not re.search(r"^\s+[A-Z]{8}$", shown, re.M):
+            line = auth.stdout.readline()
+            assert line, f"relayd auth ended early:\n{shown}"
+            shown += line
+        code = re.search(r"^\s+([A-Z]{8})$", shown, re.M).group(1)  # type: ignore[union-attr]
+        oauth.approve_device_code(code, alice.address)
+        rest, _ = auth.communicate(timeout=60)
+    finally:
+        if auth.poll() is None:
+            auth.kill()
+    assert auth.returncode == 0, shown + rest
+    assert "Stored in the fleet database too" in rest
+    oauth.token_lifetime = 3600
+    # B and C have no token file of their own: only the fleet's row.
+    for host in (b, c):
+        assert not (host.state / "tokens").exists()
+    database = fleet_database.rsplit("/", 1)[1]
+    sealed = postgres.psql(
+        "SELECT encode(sealed, 'escape') FROM fleet_tokens WHERE address = "
+        f"'{alice.address.lower()}'",
+        database,
+    )
+    assert sealed.startswith("relayd-tokens-v1")
+    assert not any(t in sealed for t in oauth.tokens_of(alice.address))  # sealed, not clear
+
+    before = oauth.count("refresh_token")
+    oauth.hold_refreshes()  # the refresh waits at the server while 50 messages queue up
+    fleet.start()
+    for i, host in enumerate((a, b, c, a, b, c)):
+        count = 9 if i < 5 else 5
+        host.submit(alice.address, rcpt.address, [f"fleet token {i}-{n}" for n in range(count)])
+    wait_until(lambda: oauth.count("refresh_token") > before, 30, "a refresh")
+    time.sleep(2)  # every host now wants a token
+    oauth.release_refreshes()
+    got = mail_world.wait_for_messages(rcpt.name, 50, timeout=120)
+    assert len(got) == 50
+    assert oauth.count("refresh_token") - before == 1
+    for host in (a, b, c):
+        assert "status=delivered" in host.relayd.log()
+    assert "access token refreshed for the fleet" in "".join(h.relayd.log() for h in (a, b, c))
+    for host in (a, b, c):
+        assert host.relayd.stop() == 0
