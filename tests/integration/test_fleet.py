@@ -169,6 +169,17 @@ def upstream(mail_world: MailWorld) -> Iterator[SessionLimitedUpstream]:
         server.stop()
 
 
+@pytest.fixture
+def mail_world_upstream_slow(mail_world: MailWorld) -> Iterator[SessionLimitedUpstream]:
+    """The same, with each DATA taking a second: a host's sessions last, leases are held."""
+    server = SessionLimitedUpstream(mail_world.lmtp_port, max_sessions=3, data_delay=1.0)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def most_in_a_minute(arrivals: list[float]) -> int:
     ordered = sorted(arrivals)
     return max(
@@ -294,3 +305,172 @@ def test_one_auth_on_a_serves_b_and_c_and_50_messages_cause_one_refresh(
     assert "access token refreshed for the fleet" in "".join(h.relayd.log() for h in (a, b, c))
     for host in (a, b, c):
         assert host.relayd.stop() == 0
+
+
+# -- shared budgets -------------------------------------------------------------------------
+
+
+def test_90_messages_over_three_hosts_keep_to_3_sessions_and_30_a_minute(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    fleet: Fleet,
+    upstream: SessionLimitedUpstream,
+) -> None:
+    sender, rcpt = new_mailbox("fleetrate"), new_mailbox("rcpt")
+    limits = {"max_connections": 3, "max_messages_per_minute": 30}
+    tenant = limited_tenant(mail_world, fleet.secrets, sender, upstream.port, limits)
+    hosts = fleet.make({"t": tenant}, [sender.address])
+    fleet.init()
+    fleet.start()
+    for i, host in enumerate(hosts):
+        host.submit(sender.address, rcpt.address, [f"rate {i}-{n}" for n in range(30)])
+
+    # Each host's queue for the account, seen from host A.
+    def status_shows_all() -> str | None:
+        out = hosts[0].relayd_cli("status").stdout
+        rows = [line for line in out.splitlines() if line.strip().startswith(sender.address)]
+        return out if all(any(h.name in r for r in rows) for h in hosts) else None
+
+    shown = wait_until(status_shows_all, 30, "every host's queue in relayd status")
+    assert "fleet (this host: host-a):" in shown and "3 hosts alive" in shown
+    got = mail_world.wait_for_messages(rcpt.name, 90, timeout=240)
+    assert len(got) == 90
+    wait_until(lambda: upstream.delivered >= 90, 10, "the upstream's count")
+    print(
+        f"sessions: {upstream.sessions}, most at once: {upstream.most_open}, most in a "
+        f"minute: {most_in_a_minute(upstream.arrivals)}, "
+        f"span: {max(upstream.arrivals) - min(upstream.arrivals):.1f} s"
+    )
+    assert upstream.refusals == 0  # never a 4th session
+    assert upstream.most_open <= 3
+    assert most_in_a_minute(upstream.arrivals) <= 30
+    assert upstream.delivered == 90
+    assert wait_until(lambda: all_spools_empty(hosts), 20, "empty spools")
+
+
+def test_kill_9_of_the_lease_holder_the_others_continue_after_the_lease_time(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    fleet: Fleet,
+    mail_world_upstream_slow: SessionLimitedUpstream,
+) -> None:
+    upstream = mail_world_upstream_slow
+    sender, rcpt = new_mailbox("fleetkill"), new_mailbox("rcpt")
+    tenant = limited_tenant(
+        mail_world, fleet.secrets, sender, upstream.port, {"max_connections": 3}
+    )
+    a, b, c = fleet.make({"t": tenant}, [sender.address], lease_time="6s")
+    fleet.init()
+    fleet.start()
+    a.submit(sender.address, rcpt.address, [f"kill a-{n}" for n in range(15)])
+    wait_until(lambda: upstream.open == 3, 30, "host A's three sessions")
+    b.submit(sender.address, rcpt.address, [f"kill b-{n}" for n in range(8)])
+    c.submit(sender.address, rcpt.address, [f"kill c-{n}" for n in range(8)])
+    wait_until(lambda: len(upstream.arrivals) >= 4, 30, "a few of A's messages")
+    time.sleep(0.5)  # B and C are asking for leases, A holds all three
+    killed_at = time.time()
+    a.relayd.kill()
+    wait_until(lambda: any(t > killed_at for t in upstream.arrivals), 30, "B or C delivering")
+    first_after = min(t for t in upstream.arrivals if t > killed_at)
+    gap = first_after - killed_at
+    print(f"first delivery by B or C {gap:.1f} s after the kill (lease time 6 s)")
+    # A's leases run out between 4 s (renewed every 2 s) and 6 s after its last renewal.
+    assert 3.0 <= gap <= 6.0 + 5.0
+    a.relayd.start()  # nothing lost: A's spool goes out after its restart
+    got = mail_world.wait_for_messages(rcpt.name, 31, timeout=120)
+    subjects = {re.search(rb"Subject: (kill [abc]-\d+)", m).group(1) for m in got}  # type: ignore[union-attr]
+    assert len(subjects) == 31
+    assert len(got) <= 31 + 3  # at most the messages A had in flight, twice
+    assert upstream.refusals == 0 and upstream.most_open <= 3
+    assert wait_until(lambda: all_spools_empty([a, b, c]), 30, "empty spools")
+
+
+# -- the database goes away ------------------------------------------------------------------
+
+
+def test_postgres_stopped_30s_under_load_nothing_lost_limits_kept(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    fleet: Fleet,
+    postgres: PostgresServer,
+    mail_world_upstream_slow: SessionLimitedUpstream,
+) -> None:
+    upstream = mail_world_upstream_slow
+    sender, rcpt = new_mailbox("fleetdown"), new_mailbox("rcpt")
+    limits = {"max_connections": 3, "max_messages_per_minute": 120}
+    tenant = limited_tenant(mail_world, fleet.secrets, sender, upstream.port, limits)
+    hosts = fleet.make({"t": tenant}, [sender.address], lease_time="6s")
+    fleet.init()
+    fleet.start()
+    for i, host in enumerate(hosts):
+        host.submit(sender.address, rcpt.address, [f"down {i}-{n}" for n in range(30)])
+    wait_until(lambda: len(upstream.arrivals) >= 15, 60, "deliveries under way")
+    postgres.stop()
+    stopped_at = time.time()
+    # Mail is still accepted (250: on this host's disk) with the database gone.
+    hosts[1].submit(sender.address, rcpt.address, [f"down late-{n}" for n in range(5)])
+    time.sleep(30)
+    postgres.start()
+    started_at = time.time()
+    got = mail_world.wait_for_messages(rcpt.name, 95, timeout=180)
+    subjects = {re.search(rb"Subject: (down [\w-]+)", m).group(1) for m in got}  # type: ignore[union-attr]
+    assert len(subjects) == 95 and len(got) == 95
+    during = [t for t in upstream.arrivals if stopped_at < t < started_at]
+    after = [t for t in upstream.arrivals if t > started_at]
+    print(
+        f"delivered during the outage: {len(during)}, after: {len(after)}; most at once: "
+        f"{upstream.most_open}; most in a minute: {most_in_a_minute(upstream.arrivals)}"
+    )
+    assert during and after  # delivery went on on local shares, and resumed shared
+    assert upstream.refusals == 0 and upstream.most_open <= 3
+    assert most_in_a_minute(upstream.arrivals) <= 120
+    logs = "".join(h.relayd.log() for h in hosts)
+    assert "fleet database unreachable" in logs and "fleet database reachable" in logs
+    assert postgres.password not in logs
+    assert wait_until(lambda: all_spools_empty(hosts), 30, "empty spools")
+
+
+# -- shared health --------------------------------------------------------------------------
+
+
+def test_a_pause_on_one_host_is_seen_by_the_other_two_without_a_login(
+    mail_world: MailWorld, new_mailbox: NewMailbox, fleet: Fleet
+) -> None:
+    sender, rcpt = new_mailbox("fleetpause"), new_mailbox("rcpt")
+    secret = write_secret(fleet.secrets / sender.name, "wrong-password")
+    tenant = {
+        "provider": "custom",
+        "smtp": {
+            "host": "127.0.0.1",
+            "port": mail_world.smtp_starttls_port,
+            "tls": "starttls",
+            "ca_file": str(mail_world.pki.ca_cert),
+        },
+        "accounts": [{"address": sender.address, "password": {"file": str(secret)}}],
+    }
+    # retry.max is the probe interval: none falls within the test.
+    a, b, c = fleet.make(
+        {"t": tenant}, [sender.address], retry={"first": "1s", "max": "1h", "give_up_after": "5d"}
+    )
+    fleet.init()
+    fleet.start()
+    a.submit(sender.address, rcpt.address, ["pause a"])
+    a.relayd.wait_for_log("ALERT account paused", timeout=30)
+    for host in (b, c):
+        host.relayd.wait_for_log("paused on fleet host host-a", timeout=15)
+    before = len(mail_world.postfix_log())
+    b.submit(sender.address, rcpt.address, ["pause b-0", "pause b-1"])
+    c.submit(sender.address, rcpt.address, ["pause c-0"])
+    wait_until(lambda: len(spooled(b.state)["hold"]) == 2, 15, "B's mail held")
+    wait_until(lambda: len(spooled(c.state)["hold"]) == 1, 15, "C's mail held")
+    time.sleep(3)
+    later = mail_world.postfix_log()[before:]
+    assert re.findall(r"SASL \w+ authentication failed", later) == []
+    assert "connect from" not in later  # not even a connection
+    for host in (b, c):
+        log = host.relayd.log()
+        assert "ALERT account paused" not in log  # one alert, from A
+        assert "status=held" not in log  # no attempt of its own was made
+    status = b.relayd_cli("status").stdout
+    assert "paused on host-a" in status
+    assert mail_world.messages(rcpt.name) == []
