@@ -9,14 +9,15 @@ delivered at all), so that the fleet together stays within the limit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 __all__ = [
     "FLEET_RATE_WINDOW",
     "RATE_GUARD",
     "lease_trusted_until",
     "local_share",
-    "wait_in_window",
+    "second_of",
+    "wait_in_buckets",
 ]
 
 # A message is counted when its attempt starts; the provider counts it when its DATA
@@ -34,16 +35,26 @@ def local_share(limit: int, hosts: int) -> int:
     return max(1, limit // max(1, hosts))
 
 
-def wait_in_window(starts: Sequence[float], limit: int, now: float, window: float) -> float:
-    """Seconds until one more start fits: at most ``limit`` in any ``window`` seconds.
+def second_of(when: float) -> int:
+    return int(when // 1)
 
-    ``starts``: the starts counted so far, oldest first (older ones are ignored)."""
+
+def wait_in_buckets(buckets: Mapping[int, int], limit: int, now: float, window: float) -> float:
+    """Seconds until one more start fits, the starts counted per whole second (the fleet's
+    window: a bounded number of rows however many starts). A second's starts count until
+    that whole second has left the window, so this waits at most a second longer than the
+    exact count would."""
     if limit <= 0:
         return 0.0
-    recent = [t for t in starts if t > now - window]
-    if len(recent) < limit:
+    live = sorted((s, n) for s, n in buckets.items() if s + 1 > now - window and n > 0)
+    total = sum(n for _, n in live)
+    if total < limit:
         return 0.0
-    return max(0.0, recent[len(recent) - limit] + window - now)
+    for second, count in live:
+        total -= count
+        if total < limit:
+            return max(0.0, second + 1 + window - now)
+    return 0.0  # not reached: the loop ends below the limit
 
 
 def lease_trusted_until(renewal_sent_at: float, lease_time: float) -> float:

@@ -6,8 +6,9 @@ the provider's back-off.
   host that dies stops renewing, and its slots are free again after the lease time. The
   holder trusts a lease for less than that (``relayd.core.budget.lease_trusted_until``).
 - A message start takes a place in the account's sliding window: at most
-  ``max_messages_per_minute`` starts in any ``FLEET_RATE_WINDOW``, counted in
-  ``fleet_sends`` under the account's advisory lock.
+  ``max_messages_per_minute`` starts in any ``FLEET_RATE_WINDOW``, counted per second in
+  ``fleet_sends`` (at most a window's worth of rows per account, however many starts) under
+  the account's advisory lock.
 - A throttle reply on any host pauses the account's lane on every host until then.
 
 While the database is unreachable, each host keeps to ``local_share`` of each limit: its
@@ -34,11 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from psycopg import AsyncConnection
+
 from relayd.core.budget import (
     FLEET_RATE_WINDOW,
     lease_trusted_until,
     local_share,
-    wait_in_window,
+    second_of,
+    wait_in_buckets,
 )
 from relayd.fleet.database import FleetDatabase
 from relayd.fleet.errors import FleetUnavailable
@@ -48,7 +52,8 @@ __all__ = ["BUDGET_LOCK", "FleetBudgets", "Permit"]
 
 log = logging.getLogger(__name__)
 
-# pg_advisory_xact_lock(BUDGET_LOCK, hashtext(account)): one window update at a time.
+# pg_advisory_xact_lock(BUDGET_LOCK, hashtext(account)): one window update at a time (the
+# schema's fleet_take_start takes the same lock).
 BUDGET_LOCK = 0x627564  # "bud"
 # How often a worker without a connection lease asks again.
 LEASE_POLL_SECONDS = 0.5
@@ -74,8 +79,9 @@ class Permit:
 @dataclass
 class _Account:
     permits: set[Permit] = field(default_factory=set)
-    recent: list[float] = field(default_factory=list)  # the fleet's starts, as last seen
-    unsynced: list[float] = field(default_factory=list)  # this host's starts while offline
+    # The fleet's starts per second, as last seen (and this host's since, while offline).
+    recent: dict[int, int] = field(default_factory=dict)
+    unsynced: dict[int, int] = field(default_factory=dict)  # this host's starts while offline
     limit: int = 1  # max_connections, as the lane last asked
     throttled_until: float = 0.0
     shared_throttle: float = 0.0  # the latest pause told to the fleet
@@ -207,11 +213,7 @@ class FleetBudgets:
                     await conn.execute(
                         "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (BUDGET_LOCK, address)
                     )
-                    async with conn.cursor() as cur:
-                        await cur.executemany(
-                            "INSERT INTO fleet_sends (account, at, host) VALUES (%s, %s, %s)",
-                            [(address, t, self.db.name) for t in state.unsynced],
-                        )
+                    await self._add_starts(conn, address, state.unsynced)
                 state.unsynced.clear()
             for permit in list(state.permits):
                 if permit.slot is not None or permit.lost:
@@ -268,51 +270,45 @@ class FleetBudgets:
             with contextlib.suppress(FleetUnavailable):
                 return await self._take_start(address, per_minute, now, state)
         share = local_share(per_minute, self.hosts_seen())
-        state.recent = [t for t in state.recent if t > now - FLEET_RATE_WINDOW]
-        wait = wait_in_window(state.recent, share, now, FLEET_RATE_WINDOW)
+        oldest = second_of(now - FLEET_RATE_WINDOW) - 1
+        state.recent = {s: n for s, n in state.recent.items() if s >= oldest}
+        wait = wait_in_buckets(state.recent, share, now, FLEET_RATE_WINDOW)
         if wait == 0.0:
-            state.recent.append(now)
-            state.unsynced.append(now)
+            second = second_of(now)
+            state.recent[second] = state.recent.get(second, 0) + 1
+            state.unsynced[second] = state.unsynced.get(second, 0) + 1
         return wait
+
+    @staticmethod
+    async def _add_starts(conn: AsyncConnection, address: str, starts: dict[int, int]) -> None:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO fleet_sends (account, second, starts) VALUES (%s, %s, %s)"
+                " ON CONFLICT (account, second) DO UPDATE"
+                " SET starts = fleet_sends.starts + excluded.starts",
+                [(address, second, n) for second, n in sorted(starts.items())],
+            )
 
     async def _take_start(
         self, address: str, per_minute: int, now: float, state: _Account
     ) -> float:
-        async with self.db.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (BUDGET_LOCK, address)
-            )
+        async with self.db.connection() as conn:
             if state.unsynced:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO fleet_sends (account, at, host) VALUES (%s, %s, %s)",
-                        [(address, t, self.db.name) for t in state.unsynced],
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (BUDGET_LOCK, address)
                     )
-            await conn.execute(
-                "DELETE FROM fleet_sends WHERE account = %s AND at <= %s",
-                (address, now - FLEET_RATE_WINDOW),
-            )
+                    await self._add_starts(conn, address, state.unsynced)
+                state.unsynced.clear()
             cur = await conn.execute(
-                "SELECT at FROM fleet_sends WHERE account = %s ORDER BY at", (address,)
-            )
-            starts = [float(r[0]) for r in await cur.fetchall()]
-            cur = await conn.execute(
-                "SELECT paused_until FROM fleet_throttle WHERE account = %s", (address,)
+                "SELECT wait, seconds, counts FROM"
+                " fleet_take_start(%s::text, %s::float8, %s::integer, %s::float8)",
+                (address, now, per_minute, FLEET_RATE_WINDOW),
             )
             row = await cur.fetchone()
-            throttled = float(row[0]) if row is not None else 0.0
-            wait = max(0.0, throttled - now)
-            if wait == 0.0:
-                wait = wait_in_window(starts, per_minute, now, FLEET_RATE_WINDOW)
-                if wait == 0.0:
-                    await conn.execute(
-                        "INSERT INTO fleet_sends (account, at, host) VALUES (%s, %s, %s)",
-                        (address, now, self.db.name),
-                    )
-                    starts.append(now)
-        state.unsynced.clear()
-        state.recent = starts
-        state.throttled_until = max(state.throttled_until, throttled)
+        assert row is not None
+        wait = float(row[0])
+        state.recent = dict(zip(row[1] or (), row[2] or (), strict=True))
         return wait
 
     def throttled(self, address: str, until: float) -> None:

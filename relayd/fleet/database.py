@@ -89,7 +89,9 @@ class FleetDatabase:
             max_size=POOL_SIZE,
             open=False,
             timeout=CONNECT_TIMEOUT,
-            check=AsyncConnectionPool.check_connection,
+            # No check at checkout (a round trip per use): a connection the server dropped
+            # fails its next use, which marks the database offline and goes back broken,
+            # and the pool replaces it.
             reconnect_timeout=3600.0 * 24 * 365,
             kwargs={
                 "autocommit": True,

@@ -41,10 +41,56 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         CREATE TABLE fleet_sends (
             account text NOT NULL,
-            at double precision NOT NULL,
-            host text NOT NULL
+            second bigint NOT NULL,         -- epoch second of the starts counted here
+            starts integer NOT NULL,
+            PRIMARY KEY (account, second)
         );
-        CREATE INDEX fleet_sends_account_at ON fleet_sends (account, at);
+        -- One start of the account, if the window has room (and no back-off is on): one
+        -- round trip, the account's lock held only inside. Mirrors
+        -- relayd.core.budget.wait_in_buckets. Returns the wait (0: counted) and the window.
+        CREATE FUNCTION fleet_take_start(
+            p_account text, p_now double precision, p_limit integer, p_window double precision
+        ) RETURNS TABLE (wait double precision, seconds bigint[], counts integer[])
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            v_until double precision;
+            v_total integer;
+            v_left integer;
+            v_wait double precision := 0;
+            r record;
+        BEGIN
+            PERFORM pg_advisory_xact_lock(6452580, hashtext(p_account));
+            DELETE FROM fleet_sends
+                WHERE account = p_account AND second < floor(p_now - p_window)::bigint - 1;
+            SELECT paused_until INTO v_until FROM fleet_throttle WHERE account = p_account;
+            IF v_until IS NOT NULL AND v_until > p_now THEN
+                v_wait := v_until - p_now;
+            ELSE
+                SELECT coalesce(sum(starts), 0) INTO v_total FROM fleet_sends
+                    WHERE account = p_account AND second + 1 > p_now - p_window;
+                IF v_total >= p_limit THEN
+                    v_left := v_total;
+                    FOR r IN SELECT second, starts FROM fleet_sends
+                        WHERE account = p_account AND second + 1 > p_now - p_window
+                        ORDER BY second
+                    LOOP
+                        v_left := v_left - r.starts;
+                        IF v_left < p_limit THEN
+                            v_wait := greatest(0, r.second + 1 + p_window - p_now);
+                            EXIT;
+                        END IF;
+                    END LOOP;
+                ELSE
+                    INSERT INTO fleet_sends (account, second, starts)
+                        VALUES (p_account, floor(p_now)::bigint, 1)
+                        ON CONFLICT (account, second)
+                        DO UPDATE SET starts = fleet_sends.starts + 1;
+                END IF;
+            END IF;
+            RETURN QUERY SELECT v_wait,
+                array_agg(s.second ORDER BY s.second), array_agg(s.starts ORDER BY s.second)
+                FROM fleet_sends s WHERE s.account = p_account;
+        END $$;
         CREATE TABLE fleet_throttle (
             account text PRIMARY KEY,
             paused_until double precision NOT NULL

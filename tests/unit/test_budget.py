@@ -1,10 +1,16 @@
-"""The fleet's budget arithmetic: local shares, the sliding window, lease trust."""
+"""The fleet's budget arithmetic: local shares, the per-second window, lease trust."""
 
 from __future__ import annotations
 
 import pytest
 
-from relayd.core.budget import FLEET_RATE_WINDOW, lease_trusted_until, local_share, wait_in_window
+from relayd.core.budget import (
+    FLEET_RATE_WINDOW,
+    lease_trusted_until,
+    local_share,
+    second_of,
+    wait_in_buckets,
+)
 
 
 @pytest.mark.parametrize(
@@ -17,29 +23,33 @@ def test_local_share_is_at_most_the_limit_split_and_at_least_one(
     assert local_share(limit, hosts) == share
 
 
-def test_sliding_window_admits_up_to_the_limit_then_waits_for_the_oldest() -> None:
-    starts = [100.0, 101.0, 102.0]
-    assert wait_in_window(starts[:2], 3, 103.0, 60.0) == 0.0
-    assert wait_in_window(starts, 3, 103.0, 60.0) == pytest.approx(57.0)
-    # Once the oldest is a window old, one more fits.
-    assert wait_in_window(starts, 3, 160.0, 60.0) == 0.0
-    assert wait_in_window(starts, 2, 103.0, 60.0) == pytest.approx(58.0)
-    assert wait_in_window(starts, 0, 103.0, 60.0) == 0.0
+def test_a_lease_is_trusted_for_less_than_its_time() -> None:
+    assert lease_trusted_until(1000.0, 30.0) == pytest.approx(1025.0)
 
 
-def test_a_minute_of_starts_at_the_fleet_window_never_exceeds_the_limit_in_any_minute() -> None:
-    # Simulate a greedy sender: whenever the window allows, it starts at once.
+def test_per_second_buckets_wait_for_the_oldest_second_to_leave_the_window() -> None:
+    assert wait_in_buckets({100: 2}, 3, 100.5, 60.0) == 0.0
+    assert wait_in_buckets({100: 2, 101: 1}, 3, 101.5, 60.0) == pytest.approx(59.5)
+    # A second that left the window no longer counts.
+    assert wait_in_buckets({30: 5, 100: 1}, 3, 100.5, 60.0) == 0.0
+    # Two seconds must go before one more fits.
+    assert wait_in_buckets({100: 1, 101: 1, 102: 1}, 2, 102.2, 60.0) == pytest.approx(59.8)
+    assert wait_in_buckets({100: 1, 101: 1, 102: 2}, 2, 102.2, 60.0) == pytest.approx(60.8)
+    assert wait_in_buckets({100: 9}, 0, 100.0, 60.0) == 0.0
+
+
+def test_a_greedy_sender_on_buckets_never_exceeds_the_limit_in_any_minute() -> None:
+    buckets: dict[int, int] = {}
     starts: list[float] = []
     now = 0.0
     while now < 300.0:
-        wait = wait_in_window(starts, 30, now, FLEET_RATE_WINDOW)
+        wait = wait_in_buckets(buckets, 30, now, FLEET_RATE_WINDOW)
         if wait == 0.0:
             starts.append(now)
+            buckets[second_of(now)] = buckets.get(second_of(now), 0) + 1
+            now += 0.01
         else:
             now += wait
+    assert len(starts) > 60  # it did go on, window after window
     for t in starts:
         assert len([s for s in starts if t <= s < t + 60.0]) <= 30
-
-
-def test_a_lease_is_trusted_for_less_than_its_time() -> None:
-    assert lease_trusted_until(1000.0, 30.0) == pytest.approx(1025.0)
