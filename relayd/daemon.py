@@ -192,6 +192,7 @@ class Daemon:
             report.quarantined,
         )
         if self.fleet is not None:
+            self.fleet.on_consent_changed = self._fleet_consent_changed
             await self.fleet.start(self.scheduler)
         self.scheduler.start()
         self.filing.start()
@@ -307,6 +308,10 @@ class Daemon:
         if account.connect_password:
             return self.passwords.consent_id(account)
         return self.tokens.consent_id(account)
+
+    def _fleet_consent_changed(self) -> None:
+        self.tokens.forget()
+        self.scheduler.credentials_changed()
 
     def _stores_snapshot(self) -> tuple[object, ...]:
         return (self.token_store.snapshot(), self.passwords.store.snapshot())

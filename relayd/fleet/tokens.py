@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from relayd.config.model import FleetConfig
 from relayd.fleet.database import FleetDatabase, FleetUnavailable, connect_once
 
 __all__ = [
+    "REVOKED",
     "TOKEN_LOCK",
     "FleetTokens",
     "TokenRow",
@@ -29,6 +31,9 @@ __all__ = [
     "put_row",
     "withdraw_consent",
 ]
+
+# A revoked account's row: kept (not deleted) so that no host brings its own copy back.
+REVOKED = b""
 
 # pg_advisory_xact_lock(TOKEN_LOCK, hashtext(address)): the refresh lock of one account.
 TOKEN_LOCK = 0x746F6B  # "tok"
@@ -41,8 +46,9 @@ class TokenRow:
 
     conn: AsyncConnection
     address: str
-    sealed: bytes | None
+    sealed: bytes | None  # REVOKED: `relayd auth --revoke` on some host
     host: str
+    updated_at: float = 0.0
 
     async def write(self, sealed: bytes, consent_id: str, updated_at: float) -> None:
         await put_row(self.conn, self.address, sealed, consent_id, updated_at, self.host)
@@ -67,9 +73,10 @@ async def put_row(
     )
 
 
-async def delete_row(conn: AsyncConnection, address: str) -> bool:
-    cur = await conn.execute("DELETE FROM fleet_tokens WHERE address = %s", (address.lower(),))
-    return cur.rowcount > 0
+async def delete_row(conn: AsyncConnection, address: str, host: str) -> None:
+    """The tokens are gone for the fleet: the row becomes a tombstone (REVOKED), which every
+    host's copy yields to — a host's copy must not become the fleet's record again."""
+    await put_row(conn, address, REVOKED, "revoked", time.time(), host)
 
 
 async def lock_account(conn: AsyncConnection, address: str) -> None:
@@ -101,10 +108,14 @@ class FleetTokens:
         async with self.db.connection() as conn, conn.transaction():
             await lock_account(conn, address)
             cur = await conn.execute(
-                "SELECT sealed FROM fleet_tokens WHERE address = %s", (address.lower(),)
+                "SELECT sealed, updated_at FROM fleet_tokens WHERE address = %s",
+                (address.lower(),),
             )
             row = await cur.fetchone()
-            yield TokenRow(conn, address, bytes(row[0]) if row else None, self.db.name)
+            if row is None:
+                yield TokenRow(conn, address, None, self.db.name)
+            else:
+                yield TokenRow(conn, address, bytes(row[0]), self.db.name, float(row[1]))
 
     async def read(self, address: str) -> bytes | None:
         async with self.db.connection() as conn:
@@ -133,12 +144,12 @@ async def _with_connection_put(
         await conn.close()
 
 
-async def _with_connection_delete(fleet: FleetConfig, address: str) -> bool:
+async def _with_connection_delete(fleet: FleetConfig, address: str) -> None:
     conn = await connect_once(fleet)
     try:
         async with conn.transaction():
             await lock_account(conn, address)
-            return await delete_row(conn, address)
+            await delete_row(conn, address, fleet.name)
     finally:
         await conn.close()
 

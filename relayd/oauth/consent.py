@@ -195,18 +195,18 @@ def _revoke(config: Config, address: str) -> int:
         existed, record = store.remove(address)
     except (TokenStoreError, OSError) as exc:
         return _error(f"could not delete the tokens: {exc}")
-    if not existed:
-        _say(f"No tokens are stored for {address}; nothing to revoke.")
-        return EXIT_OK
-    _say(f"Deleted the stored tokens of {address} ({store.path_for(address)}).")
     if config.fleet is not None:
         from relayd.fleet.tokens import withdraw_consent
 
         problem = withdraw_consent(config.fleet, address)
         if problem is None:
-            _say("Deleted them from the fleet database too: no host of the fleet uses them.")
+            _say(f"Deleted the tokens of {address} from the fleet database: no host uses them.")
         else:
             _say(f"Could not delete them from the fleet database ({problem}): run this again.")
+    if not existed:
+        _say(f"No tokens are stored for {address} on this host; nothing to revoke here.")
+        return EXIT_OK
+    _say(f"Deleted the stored tokens of {address} ({store.path_for(address)}).")
     url = revocation_url(found.provider, oauth)
     code = EXIT_OK
     if record is None or not record.refresh_token:

@@ -209,8 +209,17 @@ class TokenSources:
         refreshed: StoredTokens | None = None
         try:
             async with fleet.locked(address) as row:
-                shared = self._open_row(address, row.sealed)
                 local = await asyncio.to_thread(self._stored, account)
+                if row.sealed == b"":  # revoked on some host of the fleet
+                    if local is None or local.updated_at <= row.updated_at:
+                        await asyncio.to_thread(self._drop_local, address)
+                        raise ConsentRequired(
+                            f"the tokens of {address} were revoked on a host of the fleet; "
+                            f"run `relayd auth {address}`"
+                        )
+                    shared = None  # a consent given here since, while the database was away
+                else:
+                    shared = self._open_row(address, row.sealed)
                 record = shared
                 if local is not None and (shared is None or local.updated_at > shared.updated_at):
                     # Newer here: a consent given or a rotation made while the database was
@@ -286,6 +295,13 @@ class TokenSources:
         except TokenStoreError as exc:
             log.error("%s; using this host's copy", exc, extra={"account": address})
             return None
+
+    def _drop_local(self, address: str) -> None:
+        try:
+            self.store.remove(address)
+        except TokenStoreError as exc:
+            log.error("could not delete this host's copy of revoked tokens: %s", exc)
+        self._records.pop(address, None)
 
     def _mirror(self, record: StoredTokens) -> None:
         """The fleet's record, copied to this host's token file (for a database outage)."""

@@ -66,6 +66,10 @@ class FleetService:
         self._first_read = True
         self._tasks = TaskSet()
         self._loops: list[asyncio.Task[None]] = []
+        # Called when a consent changed on some host (`relayd auth`, `--revoke`): cached
+        # tokens are dropped and sessions logged in with them are not used again.
+        self.on_consent_changed: Callable[[], None] | None = None
+        self._consents: dict[str, str] | None = None
 
     # -- what the scheduler tells ----------------------------------------------------------
 
@@ -201,6 +205,12 @@ class FleetService:
         queues = scheduler.queue_counts() if scheduler is not None else {}
         await self.hosts.beat(queues, self.started_at)
         await self.budgets.refresh_throttles()
+        consents = await self.tokens.consent_ids()
+        if self._consents is not None and consents != self._consents:
+            log.info("a consent changed on a host of the fleet: logging in afresh")
+            if self.on_consent_changed is not None:
+                self.on_consent_changed()
+        self._consents = consents
 
 
 class FleetOperatorEvents(OperatorEvents):

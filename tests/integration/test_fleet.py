@@ -26,13 +26,16 @@ from mailworld.postgres import PostgresServer
 from mailworld.throttling import SessionLimitedUpstream
 from mailworld.world import MailWorld
 
+from relayd.config import load_config
 from relayd.fleet.schema import LATEST
+from relayd.fleet.tokens import publish_consent
+from relayd.oauth.store import StoredTokens, TokenStore, new_consent_id
 from relayd.passwords import hash_password
 
 from .conftest import Mailbox, NewMailbox
 from .ops_cli import wait_until
 from .relayd_proc import REPO, Relayd, free_port, write_config, write_secret
-from .test_oauth import microsoft_tenant, oauth
+from .test_oauth import MS_CLIENT, microsoft_tenant, oauth
 from .test_relay_delivery import message, spooled
 
 pytestmark = pytest.mark.integration
@@ -474,3 +477,51 @@ def test_a_pause_on_one_host_is_seen_by_the_other_two_without_a_login(
     status = b.relayd_cli("status").stdout
     assert "paused on host-a" in status
     assert mail_world.messages(rcpt.name) == []
+
+
+def test_revoke_on_one_host_is_not_undone_by_another_hosts_copy(
+    mail_world: MailWorld,
+    new_mailbox: NewMailbox,
+    fleet: Fleet,
+    oauth: OAuthServer,
+) -> None:
+    alice, rcpt = new_mailbox("fleetrevoke"), new_mailbox("rcpt")
+    tenant = microsoft_tenant(mail_world, oauth, [alice.address])
+    tenant["oauth"]["revoke_url"] = oauth.revoke_url
+    a, b = fleet.make({"ms": tenant}, [alice.address], names=("host-a", "host-b"))
+    fleet.init()
+    seed_fleet(a, oauth, alice.address)
+    fleet.start()
+    b.submit(alice.address, rcpt.address, ["before revoke"])
+    mail_world.wait_for_messages(rcpt.name, 1, timeout=30)
+    # B has its copy of the fleet's tokens now.
+    wait_until(
+        lambda: (b.state / "tokens").is_dir() and any((b.state / "tokens").iterdir()),
+        10,
+        "B's copy",
+    )
+    done = a.relayd_cli("auth", alice.address, "--revoke")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "from the fleet database: no host uses them" in done.stdout
+    b.relayd.wait_for_log("a consent changed on a host of the fleet", timeout=15)
+    b.submit(alice.address, rcpt.address, ["after revoke"])
+    wait_until(lambda: len(spooled(b.state)["hold"]) == 1, 30, "B's mail held")
+    assert "revoked on a host of the fleet" in b.relayd.log()
+    assert len(mail_world.messages(rcpt.name)) == 1
+    assert not any((b.state / "tokens").glob("*.tokens"))  # B's copy is gone too
+
+
+def seed_fleet(host: Host, server: OAuthServer, address: str) -> None:
+    """What `relayd auth` on ``host`` leaves in the fleet's row, through relayd's own API."""
+    config = load_config(host.config_path)
+    assert config.fleet is not None
+    record = StoredTokens(
+        address=address,
+        flow="delegated",
+        refresh_token=server.issue_refresh_token(address, MS_CLIENT),
+        consent_id=new_consent_id(),
+        updated_at=time.time(),
+    )
+    sealed = TokenStore(host.state, key=config.tokens_key, fsync=False).seal_record(record)
+    problem = publish_consent(config.fleet, address, sealed, record.consent_id, record.updated_at)
+    assert problem is None, problem
