@@ -25,6 +25,7 @@ from relayd.ops.commands import (
     cmd_sendmail,
     cmd_status,
 )
+from relayd.ops.fleetcmd import add_fleet_arguments, cmd_fleet
 from relayd.passwords import hash_password
 from relayd.web.command import add_connect_arguments, cmd_connect
 
@@ -138,6 +139,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "sendmail": Command(
         cmd_sendmail, "sendmail-compatible submission from stdin", add_sendmail_arguments
+    ),
+    "fleet": Command(
+        cmd_fleet, "fleet mode: create or migrate the schema in the database", add_fleet_arguments
     ),
 }
 

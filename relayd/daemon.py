@@ -17,6 +17,7 @@ import signal
 import ssl
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relayd import __version__
 from relayd.config import ConfigError, load_config
@@ -40,6 +41,9 @@ from relayd.oauth.registry import token_sources_for
 from relayd.oauth.store import TokenStore
 from relayd.ops.alerts import Alerter
 from relayd.ops.service import Operations, OperatorEvents
+
+if TYPE_CHECKING:
+    from relayd.ops.fleet import FleetService
 from relayd.queue.arrivals import ArrivalInbox, Inlet
 from relayd.queue.scheduler import Scheduler
 from relayd.sdnotify import notify, watchdog_interval
@@ -80,7 +84,17 @@ class Daemon:
         # Whoever puts mail into incoming/ tells the scheduler through here.
         self.inlet = Inlet()
         self.alerter = Alerter(config, self.spool, self.inlet.new_mail)
-        events = OperatorEvents(self.alerter, lambda: self.config)
+        # Fleet mode (SPEC "Fleet"): the database driver is imported only then.
+        self.fleet: FleetService | None = None
+        events: OperatorEvents
+        if config.fleet is not None:
+            from relayd.ops.fleet import FleetOperatorEvents, FleetService
+
+            self.fleet = FleetService(config.fleet, config.state_directory, self.started_at)
+            self.tokens.fleet = self.fleet.tokens
+            events = FleetOperatorEvents(self.alerter, lambda: self.config, self.fleet)
+        else:
+            events = OperatorEvents(self.alerter, lambda: self.config)
         # Sent copies and DSNs over IMAP; OAuth accounts log in with the SMTP token source.
         self.filing = FilingStage(
             config=config,
@@ -105,6 +119,8 @@ class Daemon:
             filing=self.filing,
             events=events,
             consent_of=self._consent_of,
+            budget=self.fleet.budgets if self.fleet is not None else None,
+            on_health=self.fleet.health_changed if self.fleet is not None else None,
         )
         # Failed client logins, counted by every process that accepts (relayd.inbound.guard).
         config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -178,6 +194,9 @@ class Daemon:
             report.removed_temp,
             report.quarantined,
         )
+        if self.fleet is not None:
+            self.fleet.on_consent_changed = self._fleet_consent_changed
+            await self.fleet.start(self.scheduler)
         self.scheduler.start()
         self.filing.start()
         token_watch = vitals.start("token store watch", self._watch_token_store())
@@ -232,6 +251,8 @@ class Daemon:
             self.scheduler.stop(timeout=left(2 * STOP_MARGIN)),
             self.filing.stop(timeout=left(2 * STOP_MARGIN)),
         )
+        if self.fleet is not None:
+            await self.fleet.stop()
         await self.ops.stop(timeout=left(0.5))
         await self.deliverer.aclose()
 
@@ -292,6 +313,10 @@ class Daemon:
             return self.passwords.consent_id(account)
         return self.tokens.consent_id(account)
 
+    def _fleet_consent_changed(self) -> None:
+        self.tokens.forget()
+        self.scheduler.credentials_changed()
+
     def _stores_snapshot(self) -> tuple[object, ...]:
         return (self.token_store.snapshot(), self.passwords.store.snapshot())
 
@@ -341,6 +366,8 @@ class Daemon:
             restart_needed.append(
                 "spool.encrypt_at_rest or spool.key changed: takes effect at the next start"
             )
+        if config.fleet != self.config.fleet:
+            restart_needed.append("fleet changed: takes effect at the next start")
         try:
             restart_needed.extend(Listeners.check_reload(self._bound, config))
             if self._listeners is not None:

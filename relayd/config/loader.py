@@ -17,6 +17,7 @@ from yaml.nodes import MappingNode
 
 from relayd.config.alerts import read_alerts
 from relayd.config.clients import PATTERN, read_clients, read_listeners
+from relayd.config.fleet import read_fleet
 from relayd.config.model import (
     DEFAULT_STOP_TIMEOUT,
     AddressPattern,
@@ -63,6 +64,7 @@ ROOT_KEYS = (
     "client_connections",
     "stop_timeout",
     "web",
+    "fleet",
 )
 CLIENT_CONNECTIONS_KEYS = (
     "max",
@@ -162,6 +164,7 @@ def _read(rd: NodeReader, root: Item, path: Path) -> Config:
         client_connections=_client_connections(rd, f["client_connections"]),
         stop_timeout=rd.duration(f["stop_timeout"]) or DEFAULT_STOP_TIMEOUT,
         web=web,
+        fleet=read_fleet(rd, f["fleet"], tokens["key"]),
     )
 
 

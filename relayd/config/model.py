@@ -24,6 +24,7 @@ __all__ = [
     "ClientConfig",
     "ClientConnections",
     "Config",
+    "FleetConfig",
     "ImapServer",
     "Limits",
     "ListenerConfig",
@@ -305,6 +306,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Fleet mode (SPEC "Fleet"): tokens, health and budgets shared through PostgreSQL."""
+
+    database: Secret  # a PostgreSQL URL with its password: never logged
+    name: str  # this host, as the other hosts and `relayd status` see it
+    lease_time: float  # a dead host's connection leases come back after this long
+    where: str
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """The web listener (SPEC "Web"): connect links, the operator page, metrics."""
 
@@ -344,6 +355,7 @@ class Config:
     # the shipped unit), so that nothing is killed by systemd in the middle of a write.
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     web: WebConfig | None = None
+    fleet: FleetConfig | None = None
 
     def accounts(self) -> tuple[AccountConfig, ...]:
         return tuple(a for t in self.tenants for a in t.accounts)

@@ -55,6 +55,9 @@ class AccountHealth:
     # Paused because the provider refused a permission (an HTTP API's 403): not probed, as
     # a token alone cannot show the permission is there now; release or new credentials.
     needs_admin: bool = False
+    # Fleet mode: the host whose attempts paused the account, when it was another. That
+    # host probes and alerts; this one holds the mail and waits for the fleet's resume.
+    paused_by: str = ""
 
     @property
     def paused(self) -> bool:
@@ -83,6 +86,7 @@ class AccountHealth:
             and not self.retry_at
             and not self.operator_paused
             and not self.needs_admin
+            and not self.paused_by
         )
 
     def on_credentials_refused(self, now: float, reply: str, probe_after: float) -> AccountHealth:
@@ -172,6 +176,7 @@ class AccountHealth:
             retry_at=0.0,
             operator_paused=False,
             needs_admin=False,
+            paused_by="",
         )
 
     def on_paused_by_operator(self, now: float) -> AccountHealth:
@@ -185,6 +190,21 @@ class AccountHealth:
             alerted_at=self.alerted_at or now,
             retry_at=0.0,
             operator_paused=True,
+        )
+
+    def on_paused_elsewhere(self, now: float, reason: str, host: str) -> AccountHealth:
+        """Another host of the fleet paused the account: its mail is held here too, with no
+        login of this host's own (the other host probes) and no second alert."""
+        if self.paused:
+            return self
+        return replace(
+            self,
+            state=AccountState.PAUSED,
+            reason=f"paused on {host}: {reason}" if reason else f"paused on {host}",
+            paused_at=now,
+            alerted_at=now,
+            retry_at=0.0,
+            paused_by=host,
         )
 
     def on_credentials_changed(self, fingerprint: str) -> AccountHealth:

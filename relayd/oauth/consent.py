@@ -196,8 +196,16 @@ def _revoke(config: Config, address: str) -> int:
         existed, record = store.remove(address)
     except (TokenStoreError, OSError) as exc:
         return _error(f"could not delete the tokens: {exc}")
+    if config.fleet is not None:
+        from relayd.fleet.tokens import withdraw_consent
+
+        problem = withdraw_consent(config.fleet, address)
+        if problem is None:
+            _say(f"Deleted the tokens of {address} from the fleet database: no host uses them.")
+        else:
+            _say(f"Could not delete them from the fleet database ({problem}): run this again.")
     if not existed:
-        _say(f"No tokens are stored for {address}; nothing to revoke.")
+        _say(f"No tokens are stored for {address} on this host; nothing to revoke here.")
         return EXIT_OK
     _say(f"Deleted the stored tokens of {address} ({store.path_for(address)}).")
     url = revocation_url(found.provider, oauth)
@@ -281,9 +289,26 @@ def cmd_auth(args: argparse.Namespace) -> int:
     store = TokenStore(config.state_directory, key=config.tokens_key)
     try:
         config.state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save_consent(store, account, outcome)
+        record = save_consent(store, account, outcome)
     except (TokenStoreError, OSError) as exc:
         return _error(f"could not store the tokens: {exc}")
+    if config.fleet is not None:
+        from relayd.fleet.tokens import publish_consent
+
+        problem = publish_consent(
+            config.fleet,
+            account.address,
+            store.seal_record(record),
+            record.consent_id,
+            record.updated_at,
+        )
+        if problem is None:
+            _say("Stored in the fleet database too: every host of the fleet sends with them.")
+        else:
+            _say(
+                f"Could not reach the fleet database ({problem}); this host's relayd shares "
+                "them once it can."
+            )
     _say(
         f"\nDone: tokens for {account.address} are stored, encrypted, in "
         f"{store.path_for(account.address)}.\n"

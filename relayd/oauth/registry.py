@@ -14,6 +14,10 @@ it got in memory, and refreshes:
 Stored refresh tokens (delegated and generic flows) live in the encrypted ``TokenStore``; a
 rotated one is written back atomically under the account's file lock, unless a new consent
 (``relayd auth``) replaced the file meanwhile — the newer consent wins.
+
+In fleet mode the fleet's token row (``relayd.fleet.tokens``) is the record: the refresh
+happens under the account's fleet-wide lock and its result is written in the same
+transaction, then copied to the local file, which serves while the database is unreachable.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from relayd.config.model import AccountConfig, Config, OAuthConfig
+from relayd.fleet.errors import FleetUnavailable
 from relayd.log import redactor
 from relayd.metrics import TOKEN_REFRESHES
 from relayd.oauth.store import StoredTokens, TokenStore, TokenStoreError
@@ -38,6 +43,9 @@ from relayd.oauth.tokens import (
     TokenEndpointUnavailable,
     needs_refresh,
 )
+
+if TYPE_CHECKING:  # the driver is imported only when fleet mode is on
+    from relayd.fleet.tokens import FleetTokens
 
 __all__ = [
     "TokenProvider",
@@ -119,8 +127,10 @@ class TokenSources:
         clock: Callable[[], float] = time.time,
         margin: float = REFRESH_MARGIN,
         on_secret: Callable[[str], None] = redactor.add_secret,
+        fleet: FleetTokens | None = None,
     ) -> None:
         self.store = store
+        self.fleet = fleet
         self.clock = clock
         self.margin = margin
         self.on_secret = on_secret
@@ -143,8 +153,20 @@ class TokenSources:
                 return token
             record: StoredTokens | None = None
             refresh_token: str | None = None
+            if provider.stores_tokens and self.fleet is not None and self.fleet.available:
+                try:
+                    return await self._from_fleet(account, provider, self.fleet)
+                except FleetUnavailable:
+                    pass  # the local record serves (its copy of the fleet's)
             if provider.stores_tokens:
                 record = await asyncio.to_thread(self._stored, account)
+                if record is None and self.fleet is not None:
+                    # The consent may well be in the fleet database, out of reach now: wait
+                    # for it rather than pause the account.
+                    raise TokenEndpointUnavailable(
+                        "the fleet database is unreachable and this host has no copy of the "
+                        "account's tokens yet"
+                    )
                 assert account.oauth is not None
                 if record is not None and record.consented_to_other_scopes(account.oauth.scopes):
                     raise ConsentRequired(_other_scopes(account, record), error="other_scopes")
@@ -180,6 +202,126 @@ class TokenSources:
                 extra={"account": account.address},
             )
             return token
+
+    async def _from_fleet(
+        self, account: AccountConfig, provider: TokenProvider, fleet: FleetTokens
+    ) -> AccessToken:
+        """The token through the fleet's row, refreshed (if need be) under its fleet-wide
+        lock; FleetUnavailable before anything was refreshed, so the caller goes local."""
+        address = account.address
+        refreshed: StoredTokens | None = None
+        try:
+            async with fleet.locked(address) as row:
+                local = await asyncio.to_thread(self._stored, account)
+                if row.sealed == b"":  # revoked on some host of the fleet
+                    if local is None or local.updated_at <= row.updated_at:
+                        await asyncio.to_thread(self._drop_local, address)
+                        raise ConsentRequired(
+                            f"the tokens of {address} were revoked on a host of the fleet; "
+                            f"run `relayd auth {address}`"
+                        )
+                    shared = None  # a consent given here since, while the database was away
+                else:
+                    shared = self._open_row(address, row.sealed)
+                record = shared
+                if local is not None and (shared is None or local.updated_at > shared.updated_at):
+                    # Newer here: a consent given or a rotation made while the database was
+                    # out of reach. It becomes the fleet's.
+                    record = local
+                if record is None:
+                    raise ConsentRequired(
+                        f"no tokens stored for {address}; run `relayd auth {address}` on any "
+                        "host of the fleet"
+                    )
+                assert account.oauth is not None
+                if record.consented_to_other_scopes(account.oauth.scopes):
+                    raise ConsentRequired(_other_scopes(account, record), error="other_scopes")
+                for secret in (record.access_token, record.refresh_token):
+                    if secret:
+                        self.on_secret(secret)
+                if record.access_token:
+                    stored = AccessToken(record.access_token, record.expires_at)
+                    if self._usable(stored):
+                        if record is not shared:
+                            await row.write(
+                                self.store.seal_record(record), record.consent_id, record.updated_at
+                            )
+                        await asyncio.to_thread(self._mirror, record)
+                        self._tokens[provider.key] = stored
+                        return stored
+                grant = await self._refresh(account, provider, record.refresh_token)
+                refreshed = record.rotated(
+                    grant.access_token, grant.expires_at, grant.refresh_token, self.clock()
+                )
+                await row.write(
+                    self.store.seal_record(refreshed), refreshed.consent_id, refreshed.updated_at
+                )
+        except FleetUnavailable:
+            if refreshed is None:
+                raise
+            # Refreshed, but the database went away before the commit: the rotated refresh
+            # token lives on here (and reaches the fleet as the newer record later).
+            log.warning(
+                "fleet database lost while saving refreshed tokens; kept on this host",
+                extra={"account": address},
+            )
+        assert refreshed is not None
+        await asyncio.to_thread(self._mirror, refreshed)
+        token = AccessToken(refreshed.access_token or "", refreshed.expires_at)
+        self._tokens[provider.key] = token
+        log.info(
+            "access token refreshed for the fleet (valid for %d min)",
+            max(0, int(token.remaining(self.clock()) // 60)),
+            extra={"account": address},
+        )
+        return token
+
+    async def _refresh(
+        self, account: AccountConfig, provider: TokenProvider, refresh_token: str | None
+    ) -> Grant:
+        try:
+            grant = await asyncio.to_thread(provider.refresh, refresh_token)
+        except ConsentRequired:
+            TOKEN_REFRESHES.inc(account=account.address, result="consent-required")
+            raise
+        except TokenEndpointUnavailable:
+            TOKEN_REFRESHES.inc(account=account.address, result="unavailable")
+            raise
+        TOKEN_REFRESHES.inc(account=account.address, result="ok")
+        for secret in (grant.access_token, grant.refresh_token):
+            if secret:
+                self.on_secret(secret)
+        return grant
+
+    def _open_row(self, address: str, sealed: bytes | None) -> StoredTokens | None:
+        if sealed is None:
+            return None
+        try:
+            return self.store.open_record(address, sealed)
+        except TokenStoreError as exc:
+            log.error("%s; using this host's copy", exc, extra={"account": address})
+            return None
+
+    def _drop_local(self, address: str) -> None:
+        try:
+            self.store.remove(address)
+        except TokenStoreError as exc:
+            log.error("could not delete this host's copy of revoked tokens: %s", exc)
+        self._records.pop(address, None)
+
+    def _mirror(self, record: StoredTokens) -> None:
+        """The fleet's record, copied to this host's token file (for a database outage)."""
+
+        def change(current: StoredTokens | None) -> StoredTokens | None:
+            if current is not None and current.to_json() == record.to_json():
+                return None
+            return record
+
+        try:
+            self.store.update(record.address, change)
+        except TokenStoreError as exc:
+            log.error("could not keep a local copy of the tokens: %s", exc)
+        self._records[record.address] = record
 
     def rejected(self, account: AccountConfig, token: AccessToken) -> None:
         """RFC 6750 §3.1 invalid_token: never offer this token again; refresh next time."""

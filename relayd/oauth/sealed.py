@@ -157,6 +157,27 @@ class SealedFiles:
                 f"{path} cannot be decrypted with the configured token key (key changed?)"
             ) from None
 
+    def seal_bytes(self, address: str, plain: bytes) -> bytes:
+        """The record sealed as in a file, for keeping elsewhere (the fleet database)."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = self._cipher().encrypt(nonce, plain, self.magic + address.lower().encode())
+        return self.magic + nonce + sealed
+
+    def open_bytes(self, address: str, blob: bytes, where: str) -> bytes:
+        """A record sealed by ``seal_bytes`` (on any host with the same key)."""
+        magic = self.magic
+        if not blob.startswith(magic) or len(blob) < len(magic) + _NONCE + 16:
+            raise SealedFilesError(f"{where} is not a relayd {self.what} record")
+        nonce = blob[len(magic) : len(magic) + _NONCE]
+        try:
+            return self._cipher().decrypt(
+                nonce, blob[len(magic) + _NONCE :], magic + address.lower().encode()
+            )
+        except InvalidTag:
+            raise SealedFilesError(
+                f"{where} cannot be decrypted with the configured token key (key differs?)"
+            ) from None
+
     def snapshot(self) -> dict[str, tuple[int, int, int]]:
         """(inode, mtime, size) of every record: cheap change detection (a rename always
         brings a new inode)."""

@@ -97,6 +97,21 @@ class TokenStore(SealedFiles):
             raise TokenStoreError(f"{path} belongs to another account")
         return record
 
+    def seal_record(self, record: StoredTokens) -> bytes:
+        """The record sealed for the fleet database (the same sealing as the file)."""
+        return self.seal_bytes(record.address, record.to_json())
+
+    def open_record(self, address: str, blob: bytes) -> StoredTokens:
+        where = f"the fleet token row of {address}"
+        plain = self.open_bytes(address, blob, where)
+        try:
+            record = StoredTokens.from_json(plain)
+        except (ValueError, TypeError):
+            raise TokenStoreError(f"{where} holds no valid token record") from None
+        if record.address.lower() != address.lower():
+            raise TokenStoreError(f"{where} belongs to another account")
+        return record
+
     def save(self, record: StoredTokens) -> None:
         with self.locked(record.address):
             self.seal_unlocked(record.address, record.to_json())

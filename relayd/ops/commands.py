@@ -10,6 +10,7 @@ is safe with nobody else scheduling — and say so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -98,6 +99,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         report = gather(config, live)
     except PermissionError as exc:
         return _permission_hint(config, exc)
+    if config.fleet is not None:
+        from relayd.ops.fleetcmd import fleet_status
+
+        report = dataclasses.replace(report, fleet=fleet_status(config.fleet))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -67,6 +67,8 @@ class StatusReport:
     queues: dict[str, int]
     accounts: list[AccountStatus]
     routes: list[DomainRoute]
+    # Fleet mode: every host's queue per account and the fleet's pauses (None: no fleet).
+    fleet: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,4 +368,27 @@ def render_table(report: StatusReport, now: float | None = None) -> str:
         for r in report.routes:
             seen = f"{r.senders_seen} sender{'s' if r.senders_seen != 1 else ''} seen"
             lines.append(f"  {', '.join(r.domains)} -> tenant {r.tenant}: {r.sends_by} ({seen})")
+    if report.fleet is not None:
+        lines.extend(_fleet_lines(report.fleet))
     return "\n".join(lines) + "\n"
+
+
+def _fleet_lines(fleet: dict[str, Any]) -> list[str]:
+    lines = ["", f"fleet (this host: {fleet['host']}):"]
+    if not fleet.get("reachable"):
+        lines.append(f"  database unreachable: {fleet.get('error', '')}")
+        return lines
+    alive = fleet.get("hosts_alive", [])
+    lines.append(f"  {len(alive)} hosts alive: {', '.join(alive) or '-'}")
+    for p in fleet.get("paused", []):
+        lines.append(f"  {p['account']}: paused on {p['host']}: {_short(p['reason'], 60)}")
+    rows = [("ACCOUNT", "HOST", "QUEUED", "HELD")]
+    for q in fleet.get("queues", []):
+        host = q["host"] if q["alive"] else f"{q['host']} (not seen lately)"
+        rows.append((q["account"], host, str(q["queued"]), str(q["held"])))
+    if len(rows) > 1:
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for row in rows:
+            cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+            lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines

@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from relayd.config.model import AccountConfig, Config
 from relayd.core.routing import find_account
@@ -22,7 +23,7 @@ from relayd.core.throttle import Throttle
 from relayd.tasks import TaskSet
 from relayd.upstream.transport import Transport
 
-__all__ = ["IDLE_SESSION_SECONDS", "RATE_WINDOW", "Lane", "LaneWorkers", "Lanes"]
+__all__ = ["IDLE_SESSION_SECONDS", "RATE_WINDOW", "Lane", "LaneBudget", "LaneWorkers", "Lanes"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,31 @@ log = logging.getLogger(__name__)
 RATE_WINDOW = 60.0
 # A transport left without a message this long is closed (QUIT).
 IDLE_SESSION_SECONDS = 30.0
+# How long a worker waits for its session's QUIT before it gives its connection lease back.
+QUIT_WAIT_SECONDS = 5.0
+
+
+class LaneBudget(Protocol):
+    """Budgets an account shares with other hosts (fleet mode, ``relayd.fleet.budgets``):
+    leave for each connection, and the pace of message starts."""
+
+    async def connection(self, address: str, limit: int, wanted: Callable[[], bool]) -> Any:
+        """Leave for one connection (a permit), or None once ``wanted()`` is false."""
+        ...
+
+    def keep(self, permit: Any, limit: int) -> bool:
+        """May the permit's connection carry one more message?"""
+        ...
+
+    async def release(self, permit: Any) -> None: ...
+
+    async def pace(self, address: str, per_minute: int) -> float:
+        """Seconds to wait before the next start; 0.0: start now (counted)."""
+        ...
+
+    def throttled(self, address: str, until: float) -> None:
+        """The provider asked this lane to wait until ``until``: every host waits."""
+        ...
 
 
 @dataclass(eq=False)
@@ -114,17 +140,22 @@ class LaneWorkers:
         attempt: Callable[[Lane, str, Transport | None], Awaitable[Transport | None]],
         clock: Callable[[], float],
         tasks: TaskSet,
+        budget: LaneBudget | None = None,
     ) -> None:
         self.next_message = next_message
         self.attempt = attempt
         self.clock = clock
         self.tasks = tasks
+        self.budget = budget
         self.stopping = False
 
     def spawn(self, lane: Lane) -> None:
         while lane.ready and lane.workers < lane.max_connections and not self.stopping:
             lane.workers += 1
-            self.tasks.spawn(self._work(lane))
+            if self.budget is not None:
+                self.tasks.spawn(self._work_shared(lane, self.budget))
+            else:
+                self.tasks.spawn(self._work(lane))
 
     def credentials_changed(self, lanes: Lanes) -> None:
         """The credentials changed (``relayd auth``, ``--revoke``, the connect page): sessions
@@ -177,6 +208,72 @@ class LaneWorkers:
                 asyncio.get_running_loop().call_later(
                     IDLE_SESSION_SECONDS, self._close_idle, lane, transport
                 )
+
+    async def _work_shared(self, lane: Lane, budget: LaneBudget) -> None:
+        """A worker of fleet mode: it opens its connection only with a permit from the
+        fleet's budget, paces each start by the fleet's window, and closes its connection
+        before it gives the permit back (no idle sessions: an idle one would hold a lease
+        another host may need)."""
+        transport: Transport | None = None
+        permit: Any = None
+        epoch = lane.credentials_epoch
+        try:
+            permit = await budget.connection(
+                lane.address,
+                lane.configured_connections,
+                lambda: bool(lane.ready) and not self.stopping,
+            )
+            if permit is None:
+                return
+            while lane.ready and not self.stopping:
+                if not budget.keep(permit, lane.configured_connections):
+                    break
+                pause = lane.throttle.wait(self.clock())
+                if pause <= 0:
+                    per_minute = lane.account.limits.max_messages_per_minute if lane.account else 0
+                    pause = await budget.pace(lane.address, per_minute)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
+                queue_id = self.next_message(lane)
+                if queue_id is None:
+                    continue
+                if epoch != lane.credentials_epoch:
+                    if transport is not None:
+                        await self._quit(transport)
+                        transport = None
+                    epoch = lane.credentials_epoch
+                try:
+                    transport = await self.attempt(lane, queue_id, transport)
+                except Exception:
+                    log.exception(
+                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
+                    )
+                    if transport is not None:
+                        transport.close()
+                        transport = None
+                if lane.throttle.paused_until > self.clock():
+                    budget.throttled(lane.address, lane.throttle.paused_until)
+                if lane.workers > lane.max_connections:
+                    break
+        finally:
+            lane.workers -= 1
+            if transport is not None:
+                await self._quit(transport)
+            if permit is not None:
+                await budget.release(permit)
+                if lane.ready and not self.stopping:
+                    self.spawn(lane)  # this one lost its permit: another asks for one
+
+    @staticmethod
+    async def _quit(transport: Transport) -> None:
+        try:
+            await asyncio.wait_for(transport.quit(), QUIT_WAIT_SECONDS)
+        except TimeoutError:
+            transport.close()
+        except asyncio.CancelledError:
+            transport.close()
+            raise
 
     def _close_idle(self, lane: Lane, transport: Transport) -> None:
         if transport in lane.idle:

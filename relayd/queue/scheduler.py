@@ -30,7 +30,7 @@ from relayd.queue.attempt import AttemptRunner
 from relayd.queue.commands import StoppedQueue
 from relayd.queue.events import DeliveryEvents
 from relayd.queue.intake import SpoolIntake, SpoolRead
-from relayd.queue.lanes import Lane, Lanes, LaneWorkers
+from relayd.queue.lanes import Lane, LaneBudget, Lanes, LaneWorkers
 from relayd.queue.notices import SenderNotices
 from relayd.queue.timers import RetryTimers
 from relayd.queue.tracking import Tracked, Tracker
@@ -62,17 +62,22 @@ class Scheduler:
         filing: FilingStage | None = None,
         events: DeliveryEvents | None = None,
         consent_of: Callable[[AccountConfig], str] | None = None,
+        budget: LaneBudget | None = None,
+        on_health: Callable[[AccountHealth, AccountHealth], None] | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         """``consent_of(account)``: the id of the account's OAuth consent in the token store
         (a new ``relayd auth`` resumes a paused account); ``filing``: Sent copies and DSNs
-        over IMAP (relayd.sync)."""
+        over IMAP (relayd.sync); ``budget``: connections and message starts shared with
+        other hosts (fleet mode); ``on_health(before, after)``: every change of an account's
+        health (fleet mode shares pauses)."""
         self.config = config
         self.spool = spool
         self.deliverer = deliverer
         self.filing = filing
         self.consent_of = consent_of
+        self.on_health = on_health
         self.clock = clock
         self.rand = rand
         self.book = HealthBook(accounts)
@@ -103,7 +108,11 @@ class Scheduler:
             rand=rand,
         )
         self._workers = LaneWorkers(
-            next_message=self._next_message, attempt=self._attempt, clock=clock, tasks=self._tasks
+            next_message=self._next_message,
+            attempt=self._attempt,
+            clock=clock,
+            tasks=self._tasks,
+            budget=budget,
         )
         self.intake = SpoolIntake(spool, take=self._take_read, done=self._release_unpaused_holds)
         inlet.connect(self.new_mail, self.requeued)
@@ -165,10 +174,39 @@ class Scheduler:
         return self.book.get(address)
 
     def set_health(self, health: AccountHealth) -> None:
+        before = self.book.get(health.address) if self.on_health is not None else None
         self.book.set(health)
+        if self.on_health is not None and before is not None:
+            self.on_health(before, health)
         if health.paused:
             self._hold_account(health.address)
             self._wake.set()  # the timer loop sets itself for this account's probe
+
+    def apply_shared_pause(self, address: str, paused: bool, reason: str, host: str) -> None:
+        """Another host of the fleet paused the account, or resumed it."""
+        health = self.health(address)
+        if paused and not health.paused:
+            log.warning(
+                "paused on fleet host %s (%s); holding its mail here too",
+                host,
+                reason,
+                extra={"account": address},
+            )
+            self.set_health(health.on_paused_elsewhere(self.clock(), reason, host))
+        elif not paused and health.paused and not health.operator_paused:
+            log.info("resumed on fleet host %s; resuming here", host, extra={"account": address})
+            self.set_health(health.on_released())
+            self._release_unpaused_holds()
+
+    def queue_counts(self) -> dict[str, tuple[int, int]]:
+        """Per account: (messages waiting to be delivered, messages held)."""
+        counts: dict[str, list[int]] = {}
+        for _queue_id, tracked in self._tracked.items():
+            if tracked.account is None or tracked.queue in (Queue.COPY, Queue.CORRUPT):
+                continue
+            entry = counts.setdefault(tracked.account, [0, 0])
+            entry[1 if tracked.queue is Queue.HOLD else 0] += 1
+        return {a: (q, h) for a, (q, h) in counts.items()}
 
     def apply_credentials(self) -> None:
         """A paused account whose credentials changed gets a fresh chance (SPEC)."""
@@ -376,7 +414,9 @@ class Scheduler:
         # SPEC: a paused account is probed every retry.max, on time rather than at the
         # next minute's tick. (A probe under way has moved nothing: its end wakes us.)
         probes = [
-            h.retry_at for h in self.book if h.paused and not h.operator_paused and h.retry_at > now
+            h.retry_at
+            for h in self.book
+            if h.paused and not h.operator_paused and not h.paused_by and h.retry_at > now
         ]
         if probes:
             delay = min(delay, min(probes) - now)
@@ -422,6 +462,8 @@ class Scheduler:
                 or now < health.retry_at
             ):
                 continue
+            if health.paused_by:
+                continue  # paused on another host of the fleet, which probes
             lane = self._lanes.of(health.address)
             account = lane.account
             if lane.probing or account is None or account.is_capture:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from mailworld.postgres import PostgresServer, postgres_bin_dir
 from mailworld.world import MailWorld
 
 from relayd.passwords import hash_password
@@ -215,3 +216,28 @@ def _serve_webhook() -> Iterator[Webhook]:
     yield f"http://127.0.0.1:{server.server_address[1]}/hook", posts
     server.shutdown()
     server.server_close()
+
+
+# -- fleet mode: a real PostgreSQL server ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (tests/mailworld/postgres.py)."""
+    if postgres_bin_dir() is None:
+        pytest.fail("PostgreSQL is not installed (scripts/test installs it)", pytrace=False)
+    server = PostgresServer()
+    try:
+        server.init()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def fleet_database(postgres: PostgresServer) -> Iterator[str]:
+    """A fresh database for this test; its URL (with the role's password). The server is
+    running again afterwards, whatever the test did to it."""
+    yield postgres.new_database()
+    if not postgres.running():
+        postgres.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import threading
+import time
 from typing import Any
 
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -46,9 +47,12 @@ class _Session(SMTPServer):
 
 
 class SessionLimitedUpstream:
-    def __init__(self, lmtp_port: int, *, max_sessions: int = 2) -> None:
+    def __init__(self, lmtp_port: int, *, max_sessions: int = 2, data_delay: float = 0.0) -> None:
         self.lmtp_port = lmtp_port
         self.max_sessions = max_sessions
+        # Seconds each DATA takes: slow enough that sessions overlap and leases are held.
+        self.data_delay = data_delay
+        self.arrivals: list[float] = []  # time.time() of each message taken
         self.port = 0
         self.open = 0
         self.most_open = 0
@@ -96,6 +100,10 @@ class SessionLimitedUpstream:
         return "250 2.1.0 Sender OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self._lock:
+            self.arrivals.append(time.time())
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         await asyncio.to_thread(
             self._hand_on, envelope.mail_from, envelope.rcpt_tos, envelope.original_content
         )

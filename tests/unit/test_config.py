@@ -149,7 +149,7 @@ tenants:
             "lsten: []\n",
             "lsten: line 1: unknown key; allowed keys: state_directory, helo_name, log_level, "
             "listen, accept_processes, clients, rewrite_senders, spool, tokens, tenants, "
-            "alerts, metrics, client_connections, stop_timeout, web",
+            "alerts, metrics, client_connections, stop_timeout, web, fleet",
         ),
         (
             "listen:\n  - address: 127.0.0.1:2525\n    tsl: none\n",
@@ -1818,3 +1818,69 @@ def test_a_configured_loopback_helo_name_is_warned_about_and_capture_needs_none(
     # No mail leaves a host whose tenants all capture (the demo): nothing to warn about.
     monkeypatch.setattr(socket, "getfqdn", lambda name="": "localhost")
     assert load_config(LOCAL).warnings == ()
+
+
+# -- fleet: tokens, health and budgets shared through PostgreSQL ------------------------------
+
+
+def test_fleet_reads_the_database_url_as_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEET_DSN", "postgresql://relayd:pw-x@db.example:5432/relayd")
+    monkeypatch.setenv("TOKEN_KEY", "k" * 40)
+    config = load(
+        tmp_path,
+        """
+        tokens: {key: {env: TOKEN_KEY}}
+        fleet:
+          database: {env: FLEET_DSN}
+          name: app07
+          lease_time: 10s
+        """,
+    )
+    fleet = config.fleet
+    assert fleet is not None
+    assert (fleet.name, fleet.lease_time, fleet.where) == ("app07", 10.0, "fleet: line 2")
+    assert fleet.database.reveal().endswith("@db.example:5432/relayd")
+    assert "pw-x" not in repr(fleet)
+    assert "postgresql://relayd:pw-x@db.example:5432/relayd" in config.secret_values()
+    assert load(tmp_path, "log_level: info\n").fleet is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "tokens: {key: {env: TOKEN_KEY}}\nfleet: {name: a}\n",
+            "fleet.database: line 2: missing; expected a secret value holding a PostgreSQL URL",
+        ),
+        (
+            "tokens: {key: {env: TOKEN_KEY}}\nfleet:\n  database: {env: BAD_DSN}\n",
+            "fleet.database: line 3: expected a PostgreSQL URL "
+            "(postgresql://user:password@host:5432/dbname) (<secret from env:BAD_DSN>)",
+        ),
+        (
+            "fleet:\n  database: {env: FLEET_DSN}\n",
+            "fleet: line 1: fleet mode needs tokens.key, the same secret on every host: each "
+            "host opens the token rows the others wrote",
+        ),
+        (
+            "tokens: {key: {env: TOKEN_KEY}}\nfleet:\n  database: {env: FLEET_DSN}\n"
+            "  lease_time: 1s\n",
+            "fleet.lease_time: line 4: at least 3s: leases are renewed every third of it",
+        ),
+        (
+            "tokens: {key: {env: TOKEN_KEY}}\nfleet:\n  database: {env: FLEET_DSN}\n  lease: 10s\n",
+            "fleet.lease: line 4: unknown key; allowed keys: database, name, lease_time",
+        ),
+    ],
+)
+def test_fleet_problems_name_path_and_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    monkeypatch.setenv("FLEET_DSN", "postgresql://relayd:pw@db.example/relayd")
+    monkeypatch.setenv("BAD_DSN", "mysql://relayd:secret-pw@db")
+    monkeypatch.setenv("TOKEN_KEY", "k" * 40)
+    found = problems(tmp_path, text)
+    assert expected in found
+    assert not any("secret-pw" in p for p in found)

@@ -550,3 +550,19 @@ def test_a_throttled_login_neither_counts_nor_clears_the_refusal_streak() -> Non
     assert "throttled" in h.reason
     h = h.on_credentials_refused(102.0, "535 5.7.8 bad", probe_after=3600)
     assert h.paused
+
+
+def test_a_pause_made_on_another_fleet_host_holds_without_probe_or_alert() -> None:
+    health = AccountHealth(address="a@example.com")
+    paused = health.on_paused_elsewhere(100.0, "credentials refused: 535", "host-a")
+    assert paused.paused and paused.paused_by == "host-a"
+    assert paused.reason == "paused on host-a: credentials refused: 535"
+    assert paused.alerted_at == 100.0  # the host that paused it alerted
+    assert paused.retry_at == 0.0 and not paused.accepting_attempts(200.0)
+    # Already paused here: nothing changes (its own pause, its own probe).
+    own = health.on_credentials_refused(1.0, "535", 10.0).on_credentials_refused(2.0, "535", 10.0)
+    assert own.on_paused_elsewhere(3.0, "x", "host-b") == own
+    # Resumed by the fleet: clear again.
+    released = paused.on_released()
+    assert released.is_clear and released.paused_by == ""
+    assert AccountHealth.from_dict(paused.to_dict()) == paused
