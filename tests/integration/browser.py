@@ -115,14 +115,24 @@ class Browser:
 
     def click(self, label: str) -> None:
         """Press the button and wait for the page it leads to (through any redirects)."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.wait import WebDriverWait
 
         button = self.driver.find_element(By.XPATH, f"//button[normalize-space()='{label}']")
         button.click()
+
+        def left_the_page(_driver: WebDriver) -> bool:
+            # Stale once the next page is in; mid-navigation chromedriver may instead say the
+            # node "does not belong to the document", a plain WebDriverException.
+            try:
+                button.is_enabled()
+            except WebDriverException:
+                return True
+            return False
+
         wait = WebDriverWait(self.driver, 30)
-        wait.until(expected_conditions.staleness_of(button))
+        wait.until(left_the_page)
         wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
 
     def fill(self, element_id: str, value: str) -> None:
