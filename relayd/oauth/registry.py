@@ -180,18 +180,7 @@ class TokenSources:
                         self._tokens[provider.key] = stored
                         return stored
                 refresh_token = record.refresh_token if record is not None else None
-            try:
-                grant = await asyncio.to_thread(provider.refresh, refresh_token)
-            except ConsentRequired:
-                TOKEN_REFRESHES.inc(account=account.address, result="consent-required")
-                raise
-            except TokenEndpointUnavailable:
-                TOKEN_REFRESHES.inc(account=account.address, result="unavailable")
-                raise
-            TOKEN_REFRESHES.inc(account=account.address, result="ok")
-            for secret in (grant.access_token, grant.refresh_token):
-                if secret:
-                    self.on_secret(secret)
+            grant = await self._refresh(account, provider, refresh_token)
             if provider.stores_tokens:
                 await asyncio.to_thread(self._keep_rotation, account, record, grant)
             token = grant.access
