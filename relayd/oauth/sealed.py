@@ -144,18 +144,7 @@ class SealedFiles:
             return None
         except OSError as exc:
             raise SealedFilesError(f"cannot read {path}: {exc.strerror}") from None
-        magic = self.magic
-        if not blob.startswith(magic) or len(blob) < len(magic) + _NONCE + 16:
-            raise SealedFilesError(f"{path} is not a relayd {self.what} file")
-        nonce = blob[len(magic) : len(magic) + _NONCE]
-        try:
-            return self._cipher().decrypt(
-                nonce, blob[len(magic) + _NONCE :], magic + address.lower().encode()
-            )
-        except InvalidTag:
-            raise SealedFilesError(
-                f"{path} cannot be decrypted with the configured token key (key changed?)"
-            ) from None
+        return self._open(address, blob, str(path), "file")
 
     def seal_bytes(self, address: str, plain: bytes) -> bytes:
         """The record sealed as in a file, for keeping elsewhere (the fleet database)."""
@@ -165,9 +154,14 @@ class SealedFiles:
 
     def open_bytes(self, address: str, blob: bytes, where: str) -> bytes:
         """A record sealed by ``seal_bytes`` (on any host with the same key)."""
+        return self._open(address, blob, where, "record")
+
+    def _open(self, address: str, blob: bytes, where: str, noun: str) -> bytes:
+        # The address is the associated data: a record moved to another account's name
+        # does not open.
         magic = self.magic
         if not blob.startswith(magic) or len(blob) < len(magic) + _NONCE + 16:
-            raise SealedFilesError(f"{where} is not a relayd {self.what} record")
+            raise SealedFilesError(f"{where} is not a relayd {self.what} {noun}")
         nonce = blob[len(magic) : len(magic) + _NONCE]
         try:
             return self._cipher().decrypt(
@@ -175,7 +169,7 @@ class SealedFiles:
             )
         except InvalidTag:
             raise SealedFilesError(
-                f"{where} cannot be decrypted with the configured token key (key differs?)"
+                f"{where} cannot be decrypted with the configured token key (key changed?)"
             ) from None
 
     def snapshot(self) -> dict[str, tuple[int, int, int]]:
@@ -211,11 +205,9 @@ class SealedFiles:
         """Write the account's record (hold ``locked(address)``)."""
         self._make_dir(self.directory)
         path = self.path_for(address)
-        nonce = secrets.token_bytes(_NONCE)
-        sealed = self._cipher().encrypt(nonce, plain, self.magic + address.lower().encode())
         tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            self._write_file(tmp, self.magic + nonce + sealed)
+            self._write_file(tmp, self.seal_bytes(address, plain))
             os.rename(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):

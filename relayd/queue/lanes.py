@@ -178,20 +178,9 @@ class LaneWorkers:
                 queue_id = self.next_message(lane)
                 if queue_id is None:
                     continue
-                if epoch != lane.credentials_epoch:
-                    if transport is not None:
-                        self.tasks.spawn(transport.quit())
-                        transport = None
-                    epoch = lane.credentials_epoch
-                try:
-                    transport = await self.attempt(lane, queue_id, transport)
-                except Exception:
-                    log.exception(
-                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
-                    )
-                    if transport is not None:
-                        transport.close()
-                        transport = None
+                transport, epoch = await self._attempt_one(
+                    lane, queue_id, transport, epoch, wait_for_quit=False
+                )
                 if lane.workers > lane.max_connections:
                     break  # the lane was throttled to fewer connections: this one goes
         finally:
@@ -238,20 +227,10 @@ class LaneWorkers:
                 queue_id = self.next_message(lane)
                 if queue_id is None:
                     continue
-                if epoch != lane.credentials_epoch:
-                    if transport is not None:
-                        await self._quit(transport)
-                        transport = None
-                    epoch = lane.credentials_epoch
-                try:
-                    transport = await self.attempt(lane, queue_id, transport)
-                except Exception:
-                    log.exception(
-                        "delivery attempt failed unexpectedly", extra={"queue_id": queue_id}
-                    )
-                    if transport is not None:
-                        transport.close()
-                        transport = None
+                # The session's lease is held until its QUIT is done: waited for here.
+                transport, epoch = await self._attempt_one(
+                    lane, queue_id, transport, epoch, wait_for_quit=True
+                )
                 if lane.throttle.paused_until > self.clock():
                     budget.throttled(lane.address, lane.throttle.paused_until)
                 if lane.workers > lane.max_connections:
@@ -264,6 +243,35 @@ class LaneWorkers:
                 await budget.release(permit)
                 if lane.ready and not self.stopping:
                     self.spawn(lane)  # this one lost its permit: another asks for one
+
+    async def _attempt_one(
+        self,
+        lane: Lane,
+        queue_id: str,
+        transport: Transport | None,
+        epoch: int,
+        *,
+        wait_for_quit: bool,
+    ) -> tuple[Transport | None, int]:
+        """One message over the worker's session; returns the session to keep and the
+        credentials epoch it was logged in under. A session from before the lane's last
+        credential change is quit first, so nothing goes out on a login taken back."""
+        if epoch != lane.credentials_epoch:
+            if transport is not None:
+                if wait_for_quit:
+                    await self._quit(transport)
+                else:
+                    self.tasks.spawn(transport.quit())
+                transport = None
+            epoch = lane.credentials_epoch
+        try:
+            transport = await self.attempt(lane, queue_id, transport)
+        except Exception:
+            log.exception("delivery attempt failed unexpectedly", extra={"queue_id": queue_id})
+            if transport is not None:
+                transport.close()
+                transport = None
+        return transport, epoch
 
     @staticmethod
     async def _quit(transport: Transport) -> None:
